@@ -1,0 +1,50 @@
+"""onnxruntime sessions for the encoder and decoder graphs (used by training and serving)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # onnxruntime is in both the `serve` and `train` extras, not in the core
+    import onnxruntime as ort
+
+
+def default_threads() -> int:
+    """Intra-op threads: the cores this process may use (cgroup/affinity aware on Linux)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def open_session(
+    path: Path, providers: list[str] | None = None, intra_op_threads: int | None = None
+) -> ort.InferenceSession:
+    """An InferenceSession with full graph optimisation; providers default to CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads or default_threads()
+    options.inter_op_num_threads = 1
+    # The encoder and decoder sessions each own a thread pool; spinning idle threads of one
+    # would steal the cores the other is computing on.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(
+        str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+    )
+
+
+def run_batched(
+    session: ort.InferenceSession, array: np.ndarray, batch_size: int = 32
+) -> np.ndarray:
+    """Run a single-input, single-output graph over `array` in chunks of `batch_size`."""
+    name = session.get_inputs()[0].name
+    chunks = [
+        session.run(None, {name: np.ascontiguousarray(array[i : i + batch_size], np.float32)})[0]
+        for i in range(0, len(array), batch_size)
+    ]
+    return np.concatenate(chunks) if chunks else np.empty((0,), np.float32)

@@ -1,0 +1,151 @@
+"""The one preprocessing implementation, shared by training and serving.
+
+Bytes -> RGB uint8 (any OpenCV format, grayscale/alpha/16-bit handled) -> resize with
+INTER_AREA -> float32 in [0, 1]. Outputs go back the other way: x 255, round, clip, PNG.
+Importing this module never pulls in TensorFlow or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+# OpenCV's own guard against decompression bombs; must be set before cv2 is imported.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 26))
+
+import cv2
+import imagesize
+import numpy as np
+
+# Keep OpenCV from oversubscribing cores that onnxruntime and the thread pool already use.
+cv2.setNumThreads(1)
+
+_INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image OpenCV can decode."""
+
+
+class ImageTooLargeError(ValueError):
+    """The image declares more pixels than allowed."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the model expects; read from the manifest's `input` block."""
+
+    height: int = 128
+    width: int = 128
+    channels: int = 3
+    resize: str = "area"
+
+    @classmethod
+    def from_manifest(cls, input_block: dict) -> ImageSpec:
+        return cls(
+            height=int(input_block.get("height", 128)),
+            width=int(input_block.get("width", 128)),
+            channels=int(input_block.get("channels", 3)),
+            resize=str(input_block.get("resize", "area")),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    def manifest_block(self) -> dict:
+        return {
+            "height": self.height,
+            "width": self.width,
+            "channels": self.channels,
+            "layout": "NHWC",
+            "dtype": "float32",
+            "range": [0, 1],
+            "color": "RGB",
+            "resize": self.resize,
+        }
+
+
+def declared_pixels(data: bytes) -> int | None:
+    """Pixel count from the file header, without decoding; None when the header is unknown."""
+    try:
+        width, height = imagesize.get(io.BytesIO(data))
+    except Exception:  # imagesize raises assorted errors on garbage; the decoder will judge
+        return None
+    if width is None or height is None or width < 0 or height < 0:
+        return None
+    return int(width) * int(height)
+
+
+def decode_rgb(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Decode image bytes to an RGB uint8 array [H, W, 3].
+
+    Refuses images above `max_pixels` from the header before decoding. Grayscale, alpha
+    and 16-bit images are converted; multi-frame files give their first frame.
+    """
+    if not data:
+        raise ImageDecodeError("empty file")
+    if max_pixels is not None:
+        pixels = declared_pixels(data)
+        if pixels is not None and pixels > max_pixels:
+            raise ImageTooLargeError(f"image declares {pixels} pixels, the limit is {max_pixels}")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None or image.size == 0:
+        raise ImageDecodeError("not an image OpenCV can decode (JPEG, PNG, BMP, WebP, TIFF, ...)")
+    if max_pixels is not None and image.shape[0] * image.shape[1] > max_pixels:
+        raise ImageTooLargeError(
+            f"image has {image.shape[0] * image.shape[1]} pixels, the limit is {max_pixels}"
+        )
+    return _to_rgb8(image)
+
+
+def _to_rgb8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        # float TIFF/EXR and the like: assume [0, 1] and clip.
+        image = np.clip(np.nan_to_num(image.astype(np.float32)) * 255.0 + 0.5, 0, 255)
+        image = image.astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    channels = image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    raise ImageDecodeError(f"unsupported channel count {channels}")
+
+
+def resize_rgb(rgb: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """Resize an RGB uint8 image to the model's size (uint8 out, so callers can store it small)."""
+    if rgb.shape[:2] == (spec.height, spec.width):
+        return rgb
+    return cv2.resize(rgb, (spec.width, spec.height), interpolation=_INTERPOLATION[spec.resize])
+
+
+def to_float(rgb: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [0, 1]; works on one image or a batch."""
+    return rgb.astype(np.float32) / np.float32(255.0)
+
+
+def load_image(data: bytes, spec: ImageSpec, max_pixels: int | None = None) -> np.ndarray:
+    """Bytes -> float32 [H, W, 3] in [0, 1], exactly what the encoder expects."""
+    return to_float(resize_rgb(decode_rgb(data, max_pixels), spec))
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Decoder output in [0, 1] -> uint8, rounded and clipped."""
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """An RGB image (float in [0, 1], or uint8) -> PNG bytes."""
+    rgb = image if image.dtype == np.uint8 else to_uint8(image)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:  # only on an impossible shape; callers pass decoder outputs
+        raise ValueError(f"cannot encode array of shape {rgb.shape} as PNG")
+    return buf.tobytes()

@@ -1,0 +1,161 @@
+"""The training module end to end on the committed fixture images (TensorFlow, CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from aecore import manifest
+from aecore.graphs import open_session
+from aecore.preprocessing import ImageSpec
+from tests.conftest import SCENES
+from training import data
+from training.architectures import ARCHITECTURES, build
+from training.export import export
+from training.train import TrainConfig, train
+
+SEED_ENCODER_SHAPES = [
+    (None, 128, 128, 3),
+    (None, 128, 128, 32),
+    (None, 64, 64, 32),
+    (None, 64, 64, 64),
+    (None, 32, 32, 64),
+    (None, 32, 32, 128),
+    (None, 16, 16, 128),
+    (None, 16, 16, 256),
+    (None, 8, 8, 256),
+    (None, 8, 8, 512),
+    (None, 512),
+    (None, 1024),
+]
+SEED_DECODER_SHAPES = [
+    (None, 1024),
+    (None, 16, 16, 4),
+    (None, 16, 16, 512),
+    (None, 32, 32, 512),
+    (None, 32, 32, 256),
+    (None, 64, 64, 256),
+    (None, 64, 64, 128),
+    (None, 128, 128, 128),
+    (None, 128, 128, 64),
+    (None, 128, 128, 32),
+    (None, 128, 128, 3),
+]
+
+
+def _shapes(model):
+    return [tuple(layer.output.shape) for layer in model.layers]
+
+
+def test_seed_is_exactly_the_reference():
+    encoder, decoder = build("seed", (128, 128, 3), 1024)
+    assert encoder.count_params() == 2_093_888
+    assert decoder.count_params() == 1_587_011
+    assert _shapes(encoder) == SEED_ENCODER_SHAPES
+    assert _shapes(decoder) == SEED_DECODER_SHAPES
+    assert [
+        layer.activation.__name__ for layer in encoder.layers if hasattr(layer, "activation")
+    ] == ["selu"] * 6
+    assert decoder.layers[-1].activation.__name__ == "sigmoid"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_keeps_the_interface(arch):
+    encoder, decoder = build(arch, (128, 128, 3), 1024)
+    x = np.random.default_rng(0).random((2, 128, 128, 3), np.float32)
+    z = encoder(x).numpy()
+    y = decoder(z).numpy()
+    assert z.shape == (2, 1024) and y.shape == (2, 128, 128, 3)
+    assert y.min() >= 0.0 and y.max() <= 1.0
+
+
+def test_loader_handles_class_folders_flat_folders_and_bad_files(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(SCENES.glob("forest/*.jpg"))[:3]:
+        shutil.copy(p, flat / p.name)
+    (flat / "broken.jpg").write_bytes(b"not a jpeg")
+    loaded = data.load(flat, ImageSpec())
+    assert len(loaded) == 3 and loaded.classes == [data.FLAT_CLASS]
+    assert [s.endswith("broken.jpg") for s in loaded.skipped] == [True]
+    assert loaded.images.dtype == np.uint8 and loaded.images.shape[1:] == (128, 128, 3)
+
+    scenes = data.load(SCENES, ImageSpec())
+    assert scenes.classes == ["buildings", "forest", "glacier", "mountain", "sea", "street"]
+    train_idx, val_idx = data.stratified_split(scenes.labels, 0.2, seed=1)
+    assert set(np.bincount(scenes.labels[val_idx])) == {1}  # one per class
+    assert not set(train_idx) & set(val_idx)
+
+
+@pytest.mark.parametrize("missing", ["does-not-exist", "empty"])
+def test_cli_explains_a_missing_or_empty_data_folder(tmp_path, missing):
+    folder = tmp_path / missing
+    if missing == "empty":
+        folder.mkdir()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "train",
+            "--data",
+            str(folder),
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert str(folder) in result.stderr
+    assert "does not exist" in result.stderr or "no images" in result.stderr
+
+
+def test_train_resume_export_gives_a_valid_model_folder(tmp_path):
+    run = tmp_path / "run"
+    config = TrainConfig(
+        data=str(SCENES), out=str(run), arch="spatial", epochs=1, batch_size=8, val_fraction=0.2
+    )
+    train(config)
+    history = (run / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "rounded_accuracy" in history[0] and "epoch_seconds" in history[0]
+    with pytest.raises(FileExistsError):
+        train(config)
+    train(TrainConfig(**{**config.__dict__, "epochs": 2}), resume=True)  # continues at epoch 2
+    assert len((run / "history.csv").read_text().splitlines()) == 3
+
+    folder = export(run, tmp_path / "models", "fixture")
+    assert folder == tmp_path / "models" / "fixture" / "1"
+    body = manifest.read(folder)  # verifies the sha256 of both graphs
+    assert body["latent_dim"] == 1024 and body["architecture"] == "spatial"
+    assert body["input"]["resize"] == "area" and body["input"]["layout"] == "NHWC"
+    split = json.loads((run / "split.json").read_text())
+    n_val = len(split["val"])
+    assert body["training"]["val_images"] == n_val == 6  # one per class
+    metrics = body["metrics"]
+    assert metrics["onnx_parity_max_abs"] <= 1e-4
+    assert 0 < metrics["val_mse"] < 0.2 and 0 < metrics["pca_val_mse"] < 0.2
+    assert set(metrics["val_mse_per_class"]) == set(split["classes"])
+    assert body["anomaly"]["calibration_images"] == n_val and body["anomaly"]["threshold"] > 0
+    for name in ("report.md", "reconstructions.png", "loss.png", "latent_map.png"):
+        assert (folder / "report" / name).stat().st_size > 0
+
+    encoder = open_session(folder / "encoder.onnx")
+    decoder = open_session(folder / "decoder.onnx")
+    assert [(i.name, i.shape[1:]) for i in encoder.get_inputs()] == [("image", [128, 128, 3])]
+    assert [o.name for o in encoder.get_outputs()] == ["latent"]
+    assert [i.name for i in decoder.get_inputs()] == ["latent"]
+    for batch in (1, 3):  # dynamic batch dimension
+        z = encoder.run(None, {"image": np.zeros((batch, 128, 128, 3), np.float32)})[0]
+        assert z.shape == (batch, 1024)
+        assert decoder.run(None, {"latent": z})[0].shape == (batch, 128, 128, 3)
+    assert export(run, tmp_path / "models", "fixture").name == "2"  # next free version

@@ -1,0 +1,129 @@
+"""`python -m training {train,export,evaluate,summary}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from training.data import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an autoencoder on a folder of images")
+    t.add_argument("--data", required=True, help="image folder: <root>/<class>/*.jpg or flat")
+    t.add_argument("--out", required=True, help="run folder for checkpoints and history")
+    t.add_argument("--arch", default="spatial", help="architecture (see `summary`)")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--learning-rate", type=float, default=1e-3)
+    t.add_argument("--latent-dim", type=int, default=1024)
+    t.add_argument("--val-fraction", type=float, default=0.12)
+    t.add_argument("--val-dir", help="validation folder instead of a split of --data")
+    t.add_argument("--limit", type=int, help="use a stratified subset of this many images")
+    t.add_argument("--flip", action="store_true", help="augment with horizontal flips")
+    t.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    e = sub.add_parser("export", help="export a run's best checkpoint to a model folder")
+    e.add_argument("--run", required=True, help="run folder written by `train`")
+    e.add_argument("--model-dir", default="models")
+    e.add_argument("--name", default="intel-scenes")
+    e.add_argument("--version", type=int, help="default: the next free version")
+    e.add_argument("--target-fpr", type=float, default=0.01, help="anomaly calibration target")
+
+    v = sub.add_parser("evaluate", help="metrics and a report for a model folder on images")
+    v.add_argument("--model", required=True, help="model folder, e.g. models/intel-scenes/1")
+    v.add_argument("--data", required=True, help="image folder")
+    v.add_argument("--report-dir", help="write figures and report.md here")
+    v.add_argument("--limit", type=int)
+
+    s = sub.add_parser("summary", help="print the Keras summaries of an architecture")
+    s.add_argument("--arch", default="seed")
+    s.add_argument("--latent-dim", type=int, default=1024)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from training.train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    run_dir = train(config, resume=args.resume)
+    print(f"run saved in {run_dir}; export it with: python -m training export --run {run_dir}")
+    return 0
+
+
+def _export(args) -> int:
+    from training.export import export
+
+    folder = export(Path(args.run), Path(args.model_dir), args.name, args.version, args.target_fpr)
+    print(
+        json.dumps(
+            {"model": str(folder), **json.loads((folder / "model.json").read_text())["metrics"]},
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _evaluate(args) -> int:
+    from aecore import manifest
+    from training import data
+    from training.export import mse_metrics, run_graphs, spec_of, write_report
+
+    folder = Path(args.model)
+    images = data.load(Path(args.data), spec_of(folder), args.limit)
+    latents, outputs = run_graphs(folder, images.images)
+    scored = mse_metrics(images.images, outputs, images)
+    result = {
+        "model": str(folder),
+        "data": args.data,
+        "images": len(images),
+        "skipped_files": len(images.skipped),
+        "mse": scored["val_mse"],
+        "mse_per_class": scored.get("val_mse_per_class", {}),
+    }
+    if args.report_dir:
+        body = dict(manifest.read(folder))
+        body["metrics"] = {
+            **body.get("metrics", {}),
+            "val_mse": result["mse"],
+            "val_mse_per_class": result["mse_per_class"],
+        }
+        body["training"] = {**body.get("training", {}), "data": args.data}
+        write_report(Path(args.report_dir), body, images, outputs, latents)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _summary(args) -> int:
+    from training.architectures import build
+
+    encoder, decoder = build(args.arch, (128, 128, 3), args.latent_dim)
+    encoder.summary()
+    decoder.summary()
+    print(f"encoder params: {encoder.count_params():,}")
+    print(f"decoder params: {decoder.count_params():,}")
+    return 0
+
+
+COMMANDS = {"train": _train, "export": _export, "evaluate": _evaluate, "summary": _summary}

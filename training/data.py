@@ -1,0 +1,151 @@
+"""Image folders -> uint8 arrays -> a tf.data pipeline.
+
+Images are kept as uint8 [N, H, W, 3] (a quarter of float32) and converted per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aecore.preprocessing import ImageDecodeError, ImageSpec, decode_rgb, resize_rgb
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+FLAT_CLASS = "(all)"
+
+
+class DataError(ValueError):
+    """The data folder is missing, empty or unusable."""
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    labels: np.ndarray  # int [N], an index into `classes`
+    classes: list[str]
+    paths: list[str]  # relative to the data root
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        return ImageSet(
+            self.images[idx], self.labels[idx], self.classes, [self.paths[i] for i in idx]
+        )
+
+    @property
+    def has_classes(self) -> bool:
+        return self.classes != [FLAT_CLASS]
+
+
+def discover(root: Path) -> tuple[list[Path], list[str], list[int]]:
+    """Image files under `root`: `<root>/<class>/**` when there are class folders, else flat."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    class_dirs = sorted(
+        d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _images(d)
+    )
+    if class_dirs:
+        classes = [d.name for d in class_dirs]
+        files, labels = [], []
+        for label, d in enumerate(class_dirs):
+            found = _images(d)
+            files += found
+            labels += [label] * len(found)
+    else:
+        classes = [FLAT_CLASS]
+        files = [p for p in sorted(root.iterdir()) if _is_image(p)]
+        labels = [0] * len(files)
+    if not files:
+        raise DataError(
+            f"no images under {root}: expected <root>/<class>/*.jpg or image files directly "
+            f"in it ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return files, classes, labels
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if _is_image(p))
+
+
+def _read(path: Path, spec: ImageSpec) -> np.ndarray | None:
+    try:
+        return resize_rgb(decode_rgb(path.read_bytes()), spec)
+    except (ImageDecodeError, OSError) as exc:
+        log.warning("skipping unreadable image %s: %s", path, exc)
+        return None
+
+
+def load(
+    root: Path, spec: ImageSpec, limit: int | None = None, seed: int = 42, workers: int = 4
+) -> ImageSet:
+    """Read every image under `root` (or a stratified `limit` of them) as uint8 at the model size."""
+    files, classes, labels = discover(root)
+    if limit is not None and limit < len(files):
+        keep = stratified_split(np.asarray(labels), 1 - limit / len(files), seed)[0]
+        files = [files[i] for i in keep]
+        labels = [labels[i] for i in keep]
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # cv2 releases the GIL
+        decoded = list(pool.map(lambda p: _read(p, spec), files))
+    ok = [i for i, img in enumerate(decoded) if img is not None]
+    skipped = [str(files[i]) for i, img in enumerate(decoded) if img is None]
+    if skipped:
+        log.warning("skipped %d unreadable file(s) of %d", len(skipped), len(files))
+    if not ok:
+        raise DataError(f"none of the {len(files)} image files under {root} could be read")
+    images = np.empty((len(ok), *spec.shape), np.uint8)
+    for row, i in enumerate(ok):
+        images[row] = decoded[i]
+        decoded[i] = None  # free as we go so the set is not held twice
+    return ImageSet(
+        images=images,
+        labels=np.asarray([labels[i] for i in ok], np.int64),
+        classes=classes,
+        paths=[str(files[i].relative_to(root)) for i in ok],
+        skipped=skipped,
+    )
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int = 42
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices, stratified by label where every class allows it."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    train, val = train_test_split(
+        idx, test_size=val_fraction, random_state=seed, stratify=stratify, shuffle=True
+    )
+    return np.sort(train), np.sort(val)
+
+
+def dataset(images: np.ndarray, batch_size: int, shuffle: bool, flip: bool = False, seed: int = 42):
+    """A tf.data pipeline of (x, x) float32 batches built from the uint8 array."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(images)
+    if shuffle:
+        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+
+    def prepare(batch):
+        x = tf.cast(batch, tf.float32) / 255.0  # the same scaling as aecore.preprocessing.to_float
+        if flip:
+            x = tf.image.random_flip_left_right(x, seed=seed)
+        return x, x
+
+    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

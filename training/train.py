@@ -1,0 +1,166 @@
+"""Fit an autoencoder with MSE + Adam into a run folder that `--resume` can continue.
+
+A run folder holds:
+  config.json        what was asked (data, arch, sizes, seed, split)
+  split.json         the train/validation file lists, so export and calibration reuse them
+  history.csv        one row per epoch (losses, rounded_accuracy, learning rate, seconds)
+  best.keras         the autoencoder with the lowest val_loss so far
+  backup/            Keras' BackupAndRestore state for resuming an interrupted run
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from aecore.preprocessing import ImageSpec
+from training import data as data_mod
+from training.architectures import autoencoder, build
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    arch: str = "spatial"
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    latent_dim: int = 1024
+    height: int = 128
+    width: int = 128
+    val_fraction: float = 0.12
+    val_dir: str | None = None
+    limit: int | None = None
+    flip: bool = False
+    patience: int = 5
+    seed: int = 42
+
+    @property
+    def spec(self) -> ImageSpec:
+        return ImageSpec(self.height, self.width)
+
+
+def rounded_accuracy(y_true, y_pred):
+    """Binary accuracy of the rounded target against the rounded output (the reference metric)."""
+    ops = keras.ops
+    return ops.mean(ops.cast(ops.equal(ops.round(y_true), ops.round(y_pred)), "float32"))
+
+
+def load_split(config: TrainConfig, run_dir: Path | None = None):
+    """(train, val) ImageSets: `--val-dir`, or a stratified split recorded in split.json."""
+    spec = config.spec
+    if config.val_dir:
+        train = data_mod.load(Path(config.data), spec, config.limit, config.seed)
+        val = data_mod.load(Path(config.val_dir), spec, seed=config.seed)
+    else:
+        everything = data_mod.load(Path(config.data), spec, config.limit, config.seed)
+        if len(everything) < 2:
+            raise data_mod.DataError("need at least 2 readable images to split train/validation")
+        train_idx, val_idx = data_mod.stratified_split(
+            everything.labels, config.val_fraction, config.seed
+        )
+        train, val = everything.subset(train_idx), everything.subset(val_idx)
+        train.skipped = everything.skipped
+    if run_dir is not None:
+        (run_dir / "split.json").write_text(
+            json.dumps(
+                {
+                    "classes": train.classes,
+                    "train": train.paths,
+                    "val": val.paths,
+                    "skipped": train.skipped,
+                },
+                indent=1,
+            )
+        )
+    return train, val
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds `epoch_seconds` to the logs, so history.csv carries the wall time per epoch."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = round(time.perf_counter() - self._start, 2)
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train into `config.out`; returns the run folder."""
+    run_dir = Path(config.out)
+    config_path = run_dir / "config.json"
+    if config_path.exists() and not resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume or choose another --out"
+        )
+    if resume:
+        if not config_path.exists():
+            raise FileNotFoundError(f"nothing to resume: {config_path} does not exist")
+        saved = json.loads(config_path.read_text())
+        saved["epochs"] = config.epochs  # the one thing a resume may change
+        config = TrainConfig(**saved)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(asdict(config), indent=2))
+
+    keras.utils.set_random_seed(config.seed)
+    train_set, val_set = load_split(config, run_dir)
+    log.info(
+        "training %s on %d images, validating on %d (%d skipped)",
+        config.arch,
+        len(train_set),
+        len(val_set),
+        len(train_set.skipped),
+    )
+
+    encoder, decoder = build(config.arch, config.spec.shape, config.latent_dim)
+    model = autoencoder(encoder, decoder)
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss="mse",
+        metrics=[rounded_accuracy],
+    )
+    train_ds = data_mod.dataset(train_set.images, config.batch_size, True, config.flip, config.seed)
+    val_ds = data_mod.dataset(val_set.images, config.batch_size, False)
+    callbacks = [
+        EpochTimer(),
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), save_best_only=True),
+        keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(1, config.patience // 2)),
+        keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
+    ]
+    tf.get_logger().setLevel("ERROR")
+    model.fit(
+        train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=1
+    )
+    if not (run_dir / "best.keras").exists():  # zero epochs ran (e.g. resuming a finished run)
+        model.save(run_dir / "best.keras")
+    return run_dir
+
+
+def load_autoencoder(run_dir: Path):
+    """The best checkpoint's (encoder, decoder)."""
+    model = keras.models.load_model(
+        Path(run_dir) / "best.keras", custom_objects={"rounded_accuracy": rounded_accuracy}
+    )
+    return model.get_layer("encoder"), model.get_layer("decoder")
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    path = Path(run_dir) / "history.csv"
+    if not path.exists():
+        return []
+    with open(path) as fh:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
