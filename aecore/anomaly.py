@@ -34,3 +34,19 @@ def mse_block(normal_scores: np.ndarray, target_fpr: float = 0.01) -> dict:
         "calibration_images": len(normal_scores),
         "calibration_split": "validation",
     }
+
+
+def error_heatmap(inputs: np.ndarray, output: np.ndarray, scale: float) -> np.ndarray:
+    """Per-pixel squared error, colour-mapped (JET) and laid over the input: RGB uint8.
+
+    `scale` is the squared error shown as the hottest colour, fixed per model so that heatmaps
+    of different images compare.
+    """
+    import cv2
+
+    error = np.mean(np.square(inputs.astype(np.float32) - output.astype(np.float32)), axis=-1)
+    level = np.clip(error / max(scale, 1e-12), 0.0, 1.0)
+    colours = cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    base = np.clip(inputs * 255.0, 0, 255).astype(np.uint8)
+    overlay = cv2.addWeighted(base, 0.45, cv2.cvtColor(colours, cv2.COLOR_BGR2RGB), 0.55, 0)
+    return overlay

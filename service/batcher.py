@@ -1,0 +1,167 @@
+"""Dynamic batching across requests, one batcher per graph.
+
+Requests put their rows on a bounded queue. A single worker takes up to `max_batch` rows, or
+whatever arrived within `max_delay` of the oldest waiting row, runs them as one onnxruntime
+call in a dedicated thread (off the event loop) and hands every request its own rows back.
+A request larger than `max_batch` is split into chunks and rejoined in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import Overloaded
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    rows: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        part: str,
+        run: Callable[[np.ndarray], np.ndarray],
+        metrics: Metrics,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        timeout_s: float,
+        retry_after_s: int = 1,
+    ) -> None:
+        self.part = part
+        self._run = run
+        self._metrics = metrics
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self._queue: deque[_Item] = deque()
+        self._queued_rows = 0
+        self._wakeup = asyncio.Event()
+        # One inference thread per graph: onnxruntime parallelises inside a call already.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{part}")
+        self._worker: asyncio.Task | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._loop(), name=self.part)
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return self._queued_rows
+
+    async def submit(self, rows: np.ndarray) -> np.ndarray:
+        """Run `rows` through the graph, batched with other requests; results in order."""
+        if self._closing:
+            raise Overloaded("the server is shutting down", "shutting_down", self.retry_after_s)
+        if self._queued_rows + len(rows) > self.max_queue:
+            raise Overloaded(
+                f"the {self.part} queue is full ({self._queued_rows} images waiting); retry later",
+                "queue_full",
+                self.retry_after_s,
+            )
+        loop = asyncio.get_running_loop()
+        items = [
+            _Item(rows[i : i + self.max_batch], loop.create_future())
+            for i in range(0, len(rows), self.max_batch)
+        ]
+        self._queue.extend(items)
+        self._queued_rows += len(rows)
+        self._metrics.queue_depth.labels(self.part).set(self._queued_rows)
+        self._wakeup.set()
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(item.future for item in items)), self.timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise Overloaded(
+                f"waited more than {self.timeout_s:g} s for the {self.part}; retry later",
+                "queue_timeout",
+                self.retry_after_s,
+            ) from None
+        return results[0] if len(results) == 1 else np.concatenate(results)
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._fill_or_wait()
+            batch = self._take()
+            if batch:
+                await self._execute(batch)
+
+    async def _fill_or_wait(self) -> None:
+        """Wait until a full batch is queued or the oldest item has waited `max_delay`."""
+        deadline = self._queue[0].enqueued + self.max_delay_s
+        while self._queued_rows < self.max_batch and not self._closing:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[_Item]:
+        taken, rows = [], 0
+        while self._queue and rows + len(self._queue[0].rows) <= self.max_batch:
+            item = self._queue.popleft()
+            self._queued_rows -= len(item.rows)
+            if item.future.done():  # its request timed out or was cancelled
+                continue
+            taken.append(item)
+            rows += len(item.rows)
+        self._metrics.queue_depth.labels(self.part).set(self._queued_rows)
+        return taken
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        now = time.perf_counter()
+        for item in batch:
+            self._metrics.queue_wait.labels(self.part).observe(now - item.enqueued)
+        rows = batch[0].rows if len(batch) == 1 else np.concatenate([i.rows for i in batch])
+        self._metrics.batch_size.labels(self.part).observe(len(rows))
+        started = time.perf_counter()
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, rows)
+        except Exception as exc:  # an engine failure fails this batch, not the worker
+            log.exception("%s inference failed on a batch of %d", self.part, len(rows))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        self._metrics.inference_duration.labels(self.part).observe(time.perf_counter() - started)
+        start = 0
+        for item in batch:
+            end = start + len(item.rows)
+            if not item.future.done():
+                item.future.set_result(out[start:end])
+            start = end

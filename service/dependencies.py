@@ -1,0 +1,47 @@
+"""FastAPI dependencies: the loaded model and its batchers, and the API key."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from service.errors import Overloaded, Unauthorized
+from service.runtime import Runtime
+from service.settings import Settings
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="AE_API_KEY")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime | None = request.app.state.runtime
+    settings: Settings = request.app.state.settings
+    if runtime is None or not runtime.ready:
+        raise Overloaded("the model is loading; retry shortly", "not_ready", settings.retry_after_s)
+    return runtime
+
+
+ApiKey = Annotated[str | None, Security(_api_key_header)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def require_api_key(key: ApiKey, settings: SettingsDep) -> None:
+    if settings.api_key is None:
+        return
+    expected = settings.api_key.get_secret_value().encode()
+    if key is None or not hmac.compare_digest(key.encode(), expected):
+        raise Unauthorized("missing or wrong X-API-Key header")
+
+
+def require_metrics_key(key: ApiKey, settings: SettingsDep) -> None:
+    if settings.protect_metrics:
+        require_api_key(key, settings)
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

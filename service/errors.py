@@ -1,0 +1,114 @@
+"""Every error the API returns, and the one place that maps exceptions to HTTP.
+
+Body: {"error": {"code": "<snake_case>", "message": "<what is wrong and how to fix it>"}}.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.responses import FastJSON
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidImage(ApiError):
+    status, code = 400, "invalid_image"
+
+
+class InvalidBase64(ApiError):
+    status, code = 400, "invalid_base64"
+
+
+class InvalidJson(ApiError):
+    status, code = 400, "invalid_json"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class TooManyImages(ApiError):
+    status, code = 413, "too_many_images"
+
+
+class ImageTooLarge(ApiError):
+    status, code = 413, "image_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidRequest(ApiError):
+    """The JSON parsed but its shape is wrong (missing field, wrong type)."""
+
+    status, code = 422, "invalid_request"
+
+
+class InvalidLatents(ApiError):
+    status, code = 422, "invalid_latents"
+
+
+class InvalidParameter(ApiError):
+    status, code = 422, "invalid_parameter"
+
+
+class Overloaded(ApiError):
+    """The bounded queue is full, the request waited past its deadline, or we are not ready."""
+
+    status, code = 503, "overloaded"
+
+    def __init__(self, message: str, code: str, retry_after_s: int):
+        super().__init__(message, {"Retry-After": str(retry_after_s)})
+        self.code = code
+
+
+def error_response(status: int, code: str, message: str, headers=None) -> FastJSON:
+    return FastJSON(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        return error_response(422, "invalid_parameter", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal error; see the server log")

@@ -1,0 +1,41 @@
+"""POST /decode: latents -> images."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from service import errors
+from service.dependencies import RuntimeDep, require_api_key
+from service.handlers.common import model_ref
+from service.inputs import parse_body, validate_latents, wants_npy
+from service.responses import FastJSON, npy_response
+from service.schemas import DecodeResponse, LatentsJson, request_body, responses
+
+router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/decode",
+    summary="Decode latents to images",
+    description="JSON `latents` or a float32 .npy body (`Content-Type: application/x-npy`). "
+    "`Accept: application/x-npy` returns float32 [N, H, W, 3] in [0, 1].",
+    response_model=None,
+    responses=responses(DecodeResponse, npy=True),
+    openapi_extra=request_body(LatentsJson, multipart=False, npy=True),
+)
+async def decode(request: Request, runtime: RuntimeDep):
+    parsed = await parse_body(request, runtime.settings.max_images_per_request, accept_latents=True)
+    if parsed.latents is None:
+        raise errors.InvalidLatents(
+            'no latents: send JSON {"latents": [[...], ...]} or a .npy body'
+        )
+    latents = validate_latents(parsed.latents, runtime.model.latent_dim)
+    if len(latents) > runtime.settings.max_images_per_request:
+        raise errors.TooManyImages(
+            f"{len(latents)} latents; the limit is {runtime.settings.max_images_per_request}"
+        )
+    images = await runtime.decode(latents)
+    runtime.count("decode", len(images))
+    if wants_npy(request):
+        return npy_response(images)
+    return FastJSON({"model": model_ref(runtime), "images": await runtime.pngs(images)})

@@ -1,0 +1,43 @@
+"""Probes, the model card and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.dependencies import RuntimeDep, require_api_key, require_metrics_key
+from service.errors import error_response
+from service.responses import FastJSON
+from service.runtime import Runtime
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness: 200 while the process runs")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up")
+async def readyz(request: Request):
+    runtime: Runtime | None = request.app.state.runtime
+    if runtime is None or not runtime.ready:
+        return error_response(503, "not_ready", "the model is not loaded yet, or is shutting down",
+                              {"Retry-After": "1"})  # fmt: skip
+    return {"status": "ready", "model": runtime.model.name, "version": runtime.model.version}
+
+
+@router.get(
+    "/model",
+    summary="The manifest, the execution providers in use and the batching settings",
+    dependencies=[Depends(require_api_key)],
+)
+async def model_card(runtime: RuntimeDep):
+    return FastJSON({**runtime.model.describe(), "batching": runtime.batching()})
+
+
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(require_metrics_key)])
+async def metrics(request: Request) -> Response:
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )

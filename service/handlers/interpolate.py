@@ -1,0 +1,109 @@
+"""POST /interpolate: straight latent paths (`steps`) and weighted averages (`weights`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Request
+
+from service import errors
+from service.dependencies import RuntimeDep, require_api_key
+from service.handlers.common import model_ref
+from service.inputs import parse_body, validate_latents
+from service.responses import FastJSON
+from service.schemas import InterpolateJson, InterpolateResponse, request_body, responses
+
+router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+
+_FORM_FIELDS = {
+    "steps": {"type": "integer", "minimum": 0},
+    "weights": {"type": "string", "description": "JSON list or comma-separated, e.g. 0.5,0.5"},
+}
+
+
+@router.post(
+    "/interpolate",
+    summary="Interpolate or average in latent space",
+    description="With `steps` K: K+2 decoded images along the straight latent path from a to "
+    "b, both ends included (`steps=0` gives the two ends). With `weights` (non-negative, "
+    "summing to 1, one per input): the single decoded weighted average; `[0.5, 0.5]` is the "
+    "average of two pictures. Inputs are `images` (JSON base64 or multipart files) or `latents`.",
+    response_model=None,
+    responses=responses(InterpolateResponse),
+    openapi_extra=request_body(InterpolateJson, form_fields=_FORM_FIELDS),
+)
+async def interpolate(request: Request, runtime: RuntimeDep):
+    settings = runtime.settings
+    parsed = await parse_body(request, settings.max_images_per_request, accept_latents=True)
+    if (parsed.images is None) == (parsed.latents is None):
+        raise errors.InvalidRequest("send either `images` or `latents` (one of them)")
+    steps = _steps(parsed.fields.get("steps"), parsed.form)
+    weights = _weights(parsed.fields.get("weights"), parsed.form)
+    if (steps is None) == (weights is None):
+        raise errors.InvalidParameter("give either `steps` (a path) or `weights` (an average)")
+
+    if parsed.images is not None:
+        latents = await runtime.encode(await runtime.images(parsed.images))
+    else:
+        latents = validate_latents(parsed.latents, runtime.model.latent_dim)
+
+    if steps is not None:
+        if len(latents) != 2:
+            raise errors.InvalidParameter(f"`steps` needs exactly two inputs, got {len(latents)}")
+        if steps > settings.max_interpolation_steps:
+            raise errors.InvalidParameter(
+                f"steps={steps} is above the limit of {settings.max_interpolation_steps}"
+            )
+        t = np.linspace(0.0, 1.0, steps + 2, dtype=np.float32)[:, None]
+        path = (1.0 - t) * latents[0] + t * latents[1]
+    else:
+        if len(weights) != len(latents):
+            raise errors.InvalidParameter(
+                f"{len(weights)} weights for {len(latents)} inputs; give one weight per input"
+            )
+        path = (np.asarray(weights, np.float32)[:, None] * latents).sum(axis=0, keepdims=True)
+    images = await runtime.decode(path.astype(np.float32))
+    runtime.count("interpolate", len(images))
+    return FastJSON(
+        {"model": model_ref(runtime), "images": await runtime.pngs(images), "latents": path}
+    )
+
+
+def _steps(value: Any, form: bool) -> int | None:
+    if value is None:
+        return None
+    if form and isinstance(value, str):
+        value = value.strip()
+        if not value.lstrip("-").isdigit():
+            raise errors.InvalidParameter(f"`steps` must be a whole number, got {value!r}")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.InvalidParameter(f"`steps` must be a whole number, got {value!r}")
+    if value < 0:
+        raise errors.InvalidParameter(f"`steps` must be 0 or more, got {value}")
+    return value
+
+
+def _weights(value: Any, form: bool) -> list[float] | None:
+    if value is None:
+        return None
+    if form and isinstance(value, str):  # JSON list or "0.5,0.5"
+        try:
+            value = orjson.loads(value) if value.strip().startswith("[") else value.split(",")
+            value = [float(v) for v in value]
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            raise errors.InvalidParameter(
+                f"`weights` must be a list of numbers, got {value!r}"
+            ) from None
+    if not isinstance(value, list) or not value:
+        raise errors.InvalidParameter("`weights` must be a non-empty list of numbers")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in value):
+        raise errors.InvalidParameter("`weights` must contain numbers only")
+    if any(not math.isfinite(w) or w < 0 for w in value):
+        raise errors.InvalidParameter("`weights` must be finite and non-negative")
+    if abs(sum(value) - 1.0) > 1e-4:
+        raise errors.InvalidParameter(f"`weights` must sum to 1, they sum to {sum(value):g}")
+    return [float(w) for w in value]

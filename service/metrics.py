@@ -1,0 +1,47 @@
+"""Prometheus metrics; their names are part of the API contract."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+
+class Metrics:
+    """One set per app, on its own registry, so several apps (tests) never collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ae_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "ae_request_duration_seconds", "Request latency", ["endpoint"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "ae_batch_size",
+            "Rows per onnxruntime call",
+            ["part"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "ae_queue_wait_seconds", "Time a request waits in the batching queue", ["part"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            "ae_inference_duration_seconds", "onnxruntime time per batch", ["part"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "ae_queue_depth", "Images waiting in the batching queue", ["part"], registry=r
+        )
+        self.images = Counter(
+            "ae_images", "Images or latents processed, by endpoint", ["endpoint"], registry=r
+        )

@@ -1,0 +1,108 @@
+"""What the app holds while it runs: the model, one batcher per graph, the decode thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from aecore import manifest
+from aecore.graphs import default_threads
+from service.batcher import Batcher
+from service.inputs import decode_images
+from service.metrics import Metrics
+from service.model import AutoencoderModel
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model: AutoencoderModel | None = None
+        self.ready = False
+        # OpenCV releases the GIL, so decoding and PNG encoding scale over threads.
+        self.pool = ThreadPoolExecutor(
+            max_workers=settings.decode_threads or max(2, default_threads()),
+            thread_name_prefix="images",
+        )
+        self.encoder: Batcher | None = None
+        self.decoder: Batcher | None = None
+
+    async def load(self) -> None:
+        """Load and check the model folder, warm both graphs up, start the batchers."""
+        s = self.settings
+        folder = manifest.resolve(s.model_dir, s.model_name, s.model_version)
+        model = await asyncio.to_thread(
+            AutoencoderModel, folder, s.providers, s.require_gpu, s.intra_op_threads
+        )
+        seconds = await asyncio.to_thread(model.warm_up, (1, s.max_batch_size))
+        log.info(
+            "loaded %s v%s from %s; providers in use: %s (asked for %s); %d intra-op threads; "
+            "warm-up %.2f s",
+            model.name, model.version, folder, model.providers, model.requested_providers,
+            model.intra_op_threads, seconds,
+        )  # fmt: skip
+        common = dict(
+            metrics=self.metrics,
+            max_batch=s.max_batch_size,
+            max_delay_s=s.max_queue_delay_ms / 1000.0,
+            max_queue=s.max_queue_size,
+            timeout_s=s.queue_timeout_s,
+            retry_after_s=s.retry_after_s,
+        )
+        self.encoder = Batcher("encoder", model.encode, **common)
+        self.decoder = Batcher("decoder", model.decode, **common)
+        self.encoder.start()
+        self.decoder.start()
+        self.model = model
+        self.ready = True
+
+    async def close(self) -> None:
+        """Stop taking work, finish what is queued, release threads."""
+        self.ready = False
+        for batcher in (self.encoder, self.decoder):
+            if batcher is not None:
+                await batcher.stop()
+        self.pool.shutdown(wait=True)
+
+    # -- the steps handlers compose --
+    async def images(self, blobs: list[bytes]) -> np.ndarray:
+        return await decode_images(self.model, blobs, self.settings.max_image_pixels, self.pool)
+
+    async def encode(self, images: np.ndarray) -> np.ndarray:
+        return await self.encoder.submit(images)
+
+    async def decode(self, latents: np.ndarray) -> np.ndarray:
+        return await self.decoder.submit(latents)
+
+    async def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        return await self.decode(await self.encode(images))
+
+    def count(self, endpoint: str, n: int) -> None:
+        self.metrics.images.labels(endpoint).inc(n)
+
+    async def pngs(self, images: np.ndarray) -> list[str]:
+        """Base64 PNGs of [0, 1] images, encoded in the thread pool."""
+        loop = asyncio.get_running_loop()
+
+        def one(image: np.ndarray) -> str:
+            return base64.b64encode(self.model.postprocess(image)).decode("ascii")
+
+        return list(
+            await asyncio.gather(*(loop.run_in_executor(self.pool, one, im) for im in images))
+        )
+
+    def batching(self) -> dict:
+        s = self.settings
+        return {
+            "max_batch_size": s.max_batch_size,
+            "max_queue_delay_ms": s.max_queue_delay_ms,
+            "max_queue_size": s.max_queue_size,
+            "queue_timeout_s": s.queue_timeout_s,
+        }

@@ -1,0 +1,112 @@
+"""Request and response schemas, for /docs and the OpenAPI document.
+
+Bodies are parsed by `service.inputs` (they come as multipart, JSON or .npy), so the request
+schemas are attached to the routes through `openapi_extra`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+
+
+class ImagesJson(BaseModel):
+    images: list[str] = Field(description="base64 of each image file (JPEG, PNG, BMP, WebP, TIFF)")
+
+
+class LatentsJson(BaseModel):
+    latents: list[list[float]] = Field(description="N latents of latent_dim numbers each")
+
+
+class InterpolateJson(BaseModel):
+    images: list[str] | None = Field(None, description="base64 image files: two with `steps`")
+    latents: list[list[float]] | None = Field(None, description="instead of images")
+    steps: int | None = Field(None, ge=0, description="K: K+2 images from a to b, ends included")
+    weights: list[float] | None = Field(None, description="non-negative, summing to 1")
+
+
+class EncodeResponse(BaseModel):
+    model: ModelRef
+    latents: list[list[float]]
+
+
+class DecodeResponse(BaseModel):
+    model: ModelRef
+    images: list[str] = Field(description="base64 PNGs")
+
+
+class ReconstructResponse(BaseModel):
+    model: ModelRef
+    images: list[str] = Field(description="base64 PNGs")
+    mse: list[float] = Field(description="per image, preprocessed input vs output, in [0, 1]")
+
+
+class AnomalyResult(BaseModel):
+    score: float
+    is_anomaly: bool
+    mse: float
+    heatmap: str | None = Field(None, description="base64 PNG, with heatmap=true")
+
+
+class AnomalyResponse(BaseModel):
+    model: ModelRef
+    threshold: float
+    scorer: str
+    results: list[AnomalyResult]
+
+
+class InterpolateResponse(BaseModel):
+    model: ModelRef
+    images: list[str]
+    latents: list[list[float]]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+NPY_SCHEMA = {"type": "string", "format": "binary", "description": ".npy float32 array"}
+
+
+def _multipart(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    properties = {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}
+    return {"schema": {"type": "object", "properties": {**properties, **(extra or {})},
+                       "required": ["images"]}}  # fmt: skip
+
+
+def request_body(json_model: type[BaseModel], multipart: bool = True, npy: bool = False,
+                 form_fields: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """`openapi_extra` documenting the accepted request bodies of one route."""
+    content: dict[str, Any] = {"application/json": {"schema": json_model.model_json_schema()}}
+    if multipart:
+        content["multipart/form-data"] = _multipart(form_fields)
+    if npy:
+        content["application/x-npy"] = {"schema": NPY_SCHEMA}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def responses(model: type[BaseModel], npy: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The documented responses: the JSON body, optionally .npy, and the error bodies."""
+    ok: dict[str, Any] = {"model": model}
+    if npy:
+        ok["content"] = {"application/x-npy": {"schema": NPY_SCHEMA}}
+    errors = {
+        400: "undecodable image, bad base64 or invalid JSON",
+        401: "missing or wrong X-API-Key",
+        413: "body, image count or pixel count too large",
+        415: "unsupported Content-Type",
+        422: "invalid latents, steps or weights",
+        503: "queue full or model not ready (see Retry-After)",
+    }
+    return {200: ok, **{code: {"model": ErrorBody, "description": d} for code, d in errors.items()}}

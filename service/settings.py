@@ -1,0 +1,63 @@
+"""The one settings object; every field is read from an `AE_`-prefixed environment variable."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AE_", env_file=".env", extra="ignore")
+
+    # Which model: models/<name>/<version>; the highest version when none is given.
+    model_dir: Path = Path("models")
+    model_name: str = "intel-scenes"
+    model_version: int | None = Field(default=None, gt=0)
+
+    # Execution providers in priority order, comma-separated (e.g. "CUDAExecutionProvider,
+    # CPUExecutionProvider"). Empty: CUDA when this onnxruntime build has it, then CPU.
+    providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    require_gpu: bool = False  # refuse to start when no GPU provider is actually in use
+    intra_op_threads: int | None = Field(default=None, gt=0)  # default: the cores we may use
+
+    # Dynamic batching, one queue per graph.
+    max_batch_size: int = Field(default=32, gt=0)
+    max_queue_delay_ms: float = Field(default=5.0, ge=0)
+    max_queue_size: int = Field(default=512, gt=0)  # images waiting per graph before 503
+    queue_timeout_s: float = Field(default=30.0, gt=0)  # a request waiting longer gets 503
+    retry_after_s: int = Field(default=1, ge=0)
+
+    # Request limits, checked before any image is decoded.
+    max_images_per_request: int = Field(default=64, gt=0)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=4096 * 4096, gt=0)
+    max_interpolation_steps: int = Field(default=62, ge=0)
+    decode_threads: int | None = Field(default=None, gt=0)  # image decode/encode thread pool
+
+    api_key: SecretStr | None = None  # when set, inference and /model need X-API-Key
+    protect_metrics: bool = False  # also require the key on /metrics
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    log_level: str = "info"
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,55 @@
+"""Helpers for service tests: a running app on the committed model, and response decoding."""
+
+from __future__ import annotations
+
+import base64
+import io
+from contextlib import asynccontextmanager
+
+import httpx
+import numpy as np
+
+from aecore.preprocessing import decode_rgb
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import DEFAULT_MODEL_DIR
+
+
+def settings(**overrides) -> Settings:
+    return Settings(_env_file=None, **{"model_dir": DEFAULT_MODEL_DIR, **overrides})
+
+
+@asynccontextmanager
+async def running(**overrides):
+    """An httpx client on the app, after its lifespan has loaded and warmed up the model."""
+    app = create_app(settings(**overrides))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+            client.app = app
+            yield client
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png_pixels(text: str) -> np.ndarray:
+    return decode_rgb(base64.b64decode(text))
+
+
+def npy(body: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(body), allow_pickle=False)
+
+
+def multipart(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text, 0 when absent."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

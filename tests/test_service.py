@@ -1,0 +1,376 @@
+"""The REST API through real HTTP on the ASGI app, the committed model and real images."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import numpy as np
+import pytest
+
+from aecore import manifest
+from aecore.preprocessing import ImageSpec, load_image, to_uint8
+from tests.conftest import DEFAULT_MODEL_DIR
+from tests.service_client import b64, metric, multipart, npy, png_pixels, running
+
+NPY = "application/x-npy"
+
+
+@pytest.fixture(scope="module")
+def model_manifest() -> dict:
+    return manifest.read(manifest.resolve(DEFAULT_MODEL_DIR, "intel-scenes"))
+
+
+async def test_encode_multipart_and_json_agree_and_keep_order(scene_bytes, model_manifest):
+    blobs = scene_bytes[:3]
+    async with running() as client:
+        form = await client.post("/encode", files=multipart(blobs))
+        body = await client.post("/encode", json={"images": [b64(b) for b in blobs]})
+        singles = [
+            (await client.post("/encode", json={"images": [b64(b)]})).json()["latents"][0]
+            for b in blobs
+        ]
+    assert form.status_code == body.status_code == 200
+    latents = np.asarray(form.json()["latents"], np.float32)
+    assert latents.shape == (3, model_manifest["latent_dim"])
+    assert form.json()["model"] == {"name": model_manifest["name"], "version": 1}
+    np.testing.assert_array_equal(latents, np.asarray(body.json()["latents"], np.float32))
+    np.testing.assert_allclose(latents, np.asarray(singles, np.float32), atol=1e-5)
+    assert not np.allclose(latents[0], latents[1])
+
+
+async def test_encode_npy_and_decode_npy_round_trip(scene_bytes):
+    async with running() as client:
+        encoded = await client.post(
+            "/encode", files=multipart(scene_bytes[:2]), headers={"Accept": NPY}
+        )
+        assert encoded.headers["content-type"] == NPY
+        latents = npy(encoded.content)
+        assert latents.dtype == np.float32 and latents.shape == (2, 1024)
+        buf = io.BytesIO()
+        np.save(buf, latents)
+        decoded = await client.post(
+            "/decode", content=buf.getvalue(), headers={"Content-Type": NPY, "Accept": NPY}
+        )
+        as_json = await client.post("/decode", json={"latents": latents.tolist()})
+    images = npy(decoded.content)
+    assert images.shape == (2, 128, 128, 3) and images.dtype == np.float32
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    pngs = [png_pixels(s) for s in as_json.json()["images"]]
+    for png, image in zip(pngs, images, strict=True):
+        np.testing.assert_array_equal(png, to_uint8(image))
+
+
+async def test_encode_then_decode_equals_reconstruct_row_for_row(scene_bytes):
+    blobs = scene_bytes[::6]  # one per class
+    async with running() as client:
+        latents = npy(
+            (await client.post("/encode", files=multipart(blobs), headers={"Accept": NPY})).content
+        )
+        buf = io.BytesIO()
+        np.save(buf, latents)
+        decoded = npy(
+            (await client.post("/decode", content=buf.getvalue(),
+                               headers={"Content-Type": NPY, "Accept": NPY})).content
+        )  # fmt: skip
+        recon = (await client.post("/reconstruct", files=multipart(blobs))).json()
+    assert len(recon["images"]) == len(recon["mse"]) == len(blobs)
+    spec = ImageSpec()
+    for i, blob in enumerate(blobs):
+        pixels = png_pixels(recon["images"][i])
+        assert np.abs(pixels.astype(int) - to_uint8(decoded[i]).astype(int)).max() <= 1
+        expected_mse = float(np.mean((load_image(blob, spec) - decoded[i]) ** 2))
+        assert recon["mse"][i] == pytest.approx(expected_mse, rel=1e-3)
+
+
+async def test_anomaly_score_uses_the_manifest_threshold(scene_bytes, model_manifest):
+    async with running() as client:
+        plain = (await client.post("/anomaly-score", files=multipart(scene_bytes[:4]))).json()
+        maps = await client.post(
+            "/anomaly-score", params={"heatmap": "true"}, files=multipart(scene_bytes[:2])
+        )
+        recon = (await client.post("/reconstruct", files=multipart(scene_bytes[:4]))).json()
+    block = model_manifest["anomaly"]
+    assert plain["threshold"] == pytest.approx(block["threshold"])
+    assert plain["scorer"] == block["scorer"]
+    for result, mse in zip(plain["results"], recon["mse"], strict=True):
+        assert result["mse"] == pytest.approx(mse, rel=1e-4)
+        assert result["is_anomaly"] == (result["score"] > plain["threshold"])
+        assert "heatmap" not in result
+    for result in maps.json()["results"]:
+        assert png_pixels(result["heatmap"]).shape == (128, 128, 3)
+
+
+async def test_interpolation_path_ends_are_the_inputs(scene_bytes):
+    a, b = scene_bytes[0], scene_bytes[20]
+    async with running() as client:
+        path = (
+            await client.post("/interpolate", json={"images": [b64(a), b64(b)], "steps": 3})
+        ).json()
+        ends = (await client.post("/encode", files=multipart([a, b]))).json()["latents"]
+        decoded = (await client.post("/decode", json={"latents": ends})).json()["images"]
+        form = await client.post("/interpolate", files=multipart([a, b]), data={"steps": "0"})
+    latents = np.asarray(path["latents"], np.float32)
+    assert len(path["images"]) == len(latents) == 5
+    np.testing.assert_allclose(latents[0], ends[0], atol=1e-6)
+    np.testing.assert_allclose(latents[-1], ends[1], atol=1e-6)
+    np.testing.assert_allclose(latents[2], (latents[0] + latents[-1]) / 2, atol=1e-5)
+    assert path["images"][0] == decoded[0] and path["images"][-1] == decoded[1]
+    assert form.status_code == 200 and len(form.json()["images"]) == 2
+
+
+async def test_weights_half_half_is_the_latent_midpoint(scene_bytes):
+    async with running() as client:
+        ends = (await client.post("/encode", files=multipart(scene_bytes[:2]))).json()["latents"]
+        avg = (
+            await client.post("/interpolate", json={"latents": ends, "weights": [0.5, 0.5]})
+        ).json()
+        three = await client.post(
+            "/interpolate", files=multipart(scene_bytes[:3]), data={"weights": "0.2,0.3,0.5"}
+        )
+    assert len(avg["images"]) == 1
+    np.testing.assert_allclose(avg["latents"][0], (np.array(ends[0]) + ends[1]) / 2, atol=1e-5)
+    assert three.status_code == 200 and len(three.json()["images"]) == 1
+
+
+async def test_concurrent_single_requests_are_batched_and_keep_their_rows(scene_bytes):
+    blobs = scene_bytes[:16]
+    async with running(max_queue_delay_ms=50, max_batch_size=16) as client:
+        expected = np.asarray(
+            (await client.post("/encode", files=multipart(blobs))).json()["latents"], np.float32
+        )
+        replies = await asyncio.gather(
+            *(client.post("/encode", files=multipart([b])) for b in blobs)
+        )
+        text = (await client.get("/metrics")).text
+    got = np.asarray([r.json()["latents"][0] for r in replies], np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)  # request i got row i
+    runs = metric(text, "ae_batch_size_count", part="encoder")
+    rows = metric(text, "ae_batch_size_sum", part="encoder")
+    single_runs = metric(text, "ae_batch_size_bucket", le="1.0", part="encoder")
+    assert rows == 32  # every image ran once
+    assert runs < 17 and single_runs < 16, "16 concurrent requests ran one by one"
+    assert metric(text, "ae_images_total", endpoint="encode") == 32
+
+
+async def test_a_request_larger_than_the_max_batch_is_split_in_order(scene_bytes):
+    blobs = scene_bytes[:10]
+    async with running(max_batch_size=4) as client:
+        whole = (await client.post("/encode", files=multipart(blobs))).json()["latents"]
+        singles = [
+            (await client.post("/encode", files=multipart([b]))).json()["latents"][0] for b in blobs
+        ]
+        text = (await client.get("/metrics")).text
+    np.testing.assert_allclose(np.asarray(whole), np.asarray(singles), atol=1e-5)
+    assert metric(text, "ae_batch_size_bucket", le="4.0", part="encoder") == metric(
+        text, "ae_batch_size_count", part="encoder"
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "code"),
+    [
+        (
+            {"content": b"hello", "headers": {"Content-Type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            {"content": b"{not json", "headers": {"Content-Type": "application/json"}},
+            400,
+            "invalid_json",
+        ),
+        ({"json": [1, 2]}, 422, "invalid_request"),
+        ({"json": {"images": ["%%%not base64%%%"]}}, 400, "invalid_base64"),
+        ({"json": {"images": [b64(b"this is text, not a jpeg")]}}, 400, "invalid_image"),
+        ({"json": {"pictures": []}}, 422, "invalid_request"),
+    ],
+)
+async def test_bad_image_requests_get_json_errors(request_kwargs, status, code):
+    async with running() as client:
+        reply = await client.post("/encode", **request_kwargs)
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]["code"] == code
+    assert reply.json()["error"]["message"]
+
+
+async def test_one_bad_image_fails_the_request_naming_its_index(scene_bytes):
+    async with running() as client:
+        reply = await client.post(
+            "/reconstruct", files=multipart([scene_bytes[0], b"garbage", scene_bytes[1]])
+        )
+    assert reply.status_code == 400
+    assert "images[1]" in reply.json()["error"]["message"]
+
+
+async def test_size_limits_are_413(scene_bytes):
+    async with running(
+        max_images_per_request=2, max_image_pixels=100 * 100, max_body_bytes=60_000
+    ) as client:
+        count = await client.post("/encode", files=multipart(scene_bytes[:3]))
+        pixels = await client.post("/encode", files=multipart(scene_bytes[:1]))  # 150x150
+        body = await client.post(
+            "/encode", content=b"x" * 70_000, headers={"Content-Type": "application/json"}
+        )
+
+        async def chunks():
+            for _ in range(10):
+                yield b"y" * 10_000
+
+        chunked = await client.post(
+            "/encode", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+    assert [r.status_code for r in (count, pixels, body, chunked)] == [413] * 4
+    assert count.json()["error"]["code"] == "too_many_images"
+    assert pixels.json()["error"]["code"] == "image_too_large"
+    assert body.json()["error"]["code"] == chunked.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ({"latents": [[0.0] * 10]}, "invalid_latents"),
+        ({"latents": [["0.1"] * 1024]}, "invalid_latents"),
+        ({"latents": [[1e39] * 1024]}, "invalid_latents"),
+        ({"latents": [[0.0] * 1024, [0.0] * 5]}, "invalid_latents"),
+        ({"latents": [[True] * 1024]}, "invalid_latents"),
+        ({}, "invalid_latents"),
+    ],
+)
+async def test_bad_latents_are_422(payload, code):
+    async with running() as client:
+        reply = await client.post("/decode", json=payload)
+    assert reply.status_code == 422 and reply.json()["error"]["code"] == code
+
+
+async def test_nan_in_npy_latents_is_422():
+    buf = io.BytesIO()
+    np.save(buf, np.full((1, 1024), np.nan, np.float32))
+    async with running() as client:
+        reply = await client.post("/decode", content=buf.getvalue(), headers={"Content-Type": NPY})
+        junk = await client.post(
+            "/decode", content=b"\x93NUMPY junk", headers={"Content-Type": NPY}
+        )
+    assert reply.status_code == junk.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"steps": -1},
+        {"steps": 10_000},
+        {"steps": "3"},
+        {"weights": [0.7, 0.7]},
+        {"weights": [1.5, -0.5]},
+        {"weights": [1.0]},
+        {"steps": 1, "weights": [0.5, 0.5]},
+        {},
+    ],
+)
+async def test_bad_interpolation_parameters_are_422(params):
+    latents = [[0.0] * 1024, [1.0] * 1024]
+    async with running() as client:
+        reply = await client.post("/interpolate", json={"latents": latents, **params})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["code"] == "invalid_parameter"
+
+
+async def test_full_queue_is_503_with_retry_after(scene_bytes):
+    async with running(max_queue_size=2, retry_after_s=3) as client:
+        reply = await client.post("/encode", files=multipart(scene_bytes[:3]))
+        ok = await client.post("/encode", files=multipart(scene_bytes[:2]))
+    assert reply.status_code == 503 and reply.headers["retry-after"] == "3"
+    assert reply.json()["error"]["code"] == "queue_full"
+    assert ok.status_code == 200
+
+
+async def test_readyz_before_and_after_load():
+    from service.app import create_app
+    from tests.service_client import settings
+
+    app = create_app(settings())
+    import httpx
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://svc"
+    ) as client:
+        before = await client.get("/readyz")
+        encode_before = await client.post("/encode", json={"images": []})
+        alive = await client.get("/healthz")
+        async with app.router.lifespan_context(app):
+            after = await client.get("/readyz")
+        drained = await client.get("/readyz")
+    assert before.status_code == 503 and before.headers["retry-after"]
+    assert encode_before.status_code == 503 and encode_before.json()["error"]["code"] == "not_ready"
+    assert alive.status_code == 200
+    assert after.status_code == 200 and after.json()["status"] == "ready"
+    assert drained.status_code == 503
+
+
+async def test_api_key_guards_inference_and_model_but_not_probes(scene_bytes):
+    async with running(api_key="s3cret") as client:
+        missing = await client.post("/encode", files=multipart(scene_bytes[:1]))
+        wrong = await client.get("/model", headers={"X-API-Key": "nope"})
+        right = await client.post(
+            "/encode", files=multipart(scene_bytes[:1]), headers={"X-API-Key": "s3cret"}
+        )
+        probes = [await client.get(p) for p in ("/healthz", "/readyz", "/metrics")]
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.json()["error"]["code"] == "unauthorized"
+    assert right.status_code == 200
+    assert [p.status_code for p in probes] == [200, 200, 200]
+    async with running(api_key="s3cret", protect_metrics=True) as client:
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/metrics", headers={"X-API-Key": "s3cret"})).status_code == 200
+
+
+async def test_model_reports_providers_in_use_and_batching():
+    import onnxruntime as ort
+
+    async with running(max_batch_size=8) as client:
+        card = (await client.get("/model")).json()
+    assert card["providers"][-1] == "CPUExecutionProvider"
+    assert set(card["providers"]) <= set(ort.get_available_providers())
+    assert card["batching"]["max_batch_size"] == 8
+    assert card["latent_dim"] == 1024 and "anomaly" in card and "metrics" in card
+
+
+async def test_require_gpu_refuses_to_start_without_one():
+    import onnxruntime as ort
+
+    from service.model import GpuUnavailable
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has a GPU build of onnxruntime")
+    with pytest.raises(GpuUnavailable):
+        async with running(require_gpu=True):
+            pass
+
+
+async def test_a_tampered_graph_is_refused_at_start(tmp_path):
+    import shutil
+
+    folder = manifest.resolve(DEFAULT_MODEL_DIR, "intel-scenes")
+    copy = tmp_path / "intel-scenes" / "1"
+    shutil.copytree(folder, copy)
+    with open(copy / "decoder.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(manifest.ModelFolderError, match="sha256"):
+        async with running(model_dir=tmp_path):
+            pass
+
+
+async def test_openapi_documents_every_endpoint():
+    async with running() as client:
+        spec = (await client.get("/openapi.json")).json()
+        docs = await client.get("/docs")
+        missing = await client.get("/nope")
+    assert docs.status_code == 200
+    for path in ("/encode", "/decode", "/reconstruct", "/anomaly-score", "/interpolate",
+                 "/healthz", "/readyz", "/model", "/metrics"):  # fmt: skip
+        assert path in spec["paths"], path
+    body = spec["paths"]["/encode"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert json.dumps(spec)  # serialisable
