@@ -52,7 +52,7 @@ def read(folder: Path, verify: bool = True) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFolderError(f"{path} not found")
     manifest = json.loads(path.read_text())
-    for key in ("name", "version", "latent_dim", "input", "files"):
+    for key in ("name", "version", "latent_dim", "input", "files", "anomaly"):
         if key not in manifest:
             raise ModelFolderError(f"{path} lacks {key!r}")
     if verify:

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from aecore import anomaly, manifest
+from aecore import manifest
+from aecore.anomaly import AnomalyScorers, Evidence
 from aecore.graphs import default_threads, open_session
 from aecore.preprocessing import ImageSpec, encode_png, load_image
 
@@ -49,7 +50,7 @@ class AutoencoderModel:
         self.manifest: dict[str, Any] = manifest.read(self.folder, verify=True)
         self.spec = ImageSpec.from_manifest(self.manifest["input"])
         self.latent_dim = int(self.manifest["latent_dim"])
-        self.anomaly = self.manifest.get("anomaly", {})
+        self.scorers = AnomalyScorers(self.manifest["anomaly"], self.folder)
         requested = choose_providers(providers or [])
         threads = intra_op_threads or default_threads()
         files = self.manifest["files"]
@@ -105,16 +106,9 @@ class AutoencoderModel:
     def postprocess(image: np.ndarray) -> bytes:
         return encode_png(image)
 
-    def score(self, inputs: np.ndarray, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(anomaly scores, per-image MSE) with the manifest's scorer."""
-        mse = anomaly.per_image_mse(inputs, outputs)
-        return mse, mse
-
-    @property
-    def heatmap_scale(self) -> float:
-        """The squared error drawn hottest: from the manifest, else 5x the MSE threshold."""
-        default = 5.0 * float(self.anomaly.get("threshold", 0.01))
-        return float(self.anomaly.get("heatmap_scale", default))
+    def score(self, scorer: str, evidence: Evidence) -> np.ndarray:
+        """Anomaly scores with one of the manifest's calibrated scorers."""
+        return self.scorers.score(scorer, evidence)
 
     def describe(self) -> dict[str, Any]:
         return {

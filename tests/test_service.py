@@ -34,7 +34,10 @@ async def test_encode_multipart_and_json_agree_and_keep_order(scene_bytes, model
     assert form.status_code == body.status_code == 200
     latents = np.asarray(form.json()["latents"], np.float32)
     assert latents.shape == (3, model_manifest["latent_dim"])
-    assert form.json()["model"] == {"name": model_manifest["name"], "version": 1}
+    assert form.json()["model"] == {
+        "name": model_manifest["name"],
+        "version": model_manifest["version"],
+    }
     np.testing.assert_array_equal(latents, np.asarray(body.json()["latents"], np.float32))
     np.testing.assert_allclose(latents, np.asarray(singles, np.float32), atol=1e-5)
     assert not np.allclose(latents[0], latents[1])
@@ -84,22 +87,39 @@ async def test_encode_then_decode_equals_reconstruct_row_for_row(scene_bytes):
         assert recon["mse"][i] == pytest.approx(expected_mse, rel=1e-3)
 
 
-async def test_anomaly_score_uses_the_manifest_threshold(scene_bytes, model_manifest):
+async def test_anomaly_score_uses_the_manifest_scorer_and_threshold(scene_bytes, model_manifest):
+    blobs = scene_bytes[:4]
     async with running() as client:
-        plain = (await client.post("/anomaly-score", files=multipart(scene_bytes[:4]))).json()
+        default = (await client.post("/anomaly-score", files=multipart(blobs))).json()
+        by_name = {
+            name: (
+                await client.post("/anomaly-score", params={"scorer": name}, files=multipart(blobs))
+            ).json()
+            for name in model_manifest["anomaly"]["scorers"]
+        }
         maps = await client.post(
-            "/anomaly-score", params={"heatmap": "true"}, files=multipart(scene_bytes[:2])
+            "/anomaly-score", params={"heatmap": "true"}, files=multipart(blobs[:2])
         )
-        recon = (await client.post("/reconstruct", files=multipart(scene_bytes[:4]))).json()
+        unknown = await client.post(
+            "/anomaly-score", params={"scorer": "magic"}, files=multipart(blobs)
+        )
+        recon = (await client.post("/reconstruct", files=multipart(blobs))).json()
     block = model_manifest["anomaly"]
-    assert plain["threshold"] == pytest.approx(block["threshold"])
-    assert plain["scorer"] == block["scorer"]
-    for result, mse in zip(plain["results"], recon["mse"], strict=True):
-        assert result["mse"] == pytest.approx(mse, rel=1e-4)
-        assert result["is_anomaly"] == (result["score"] > plain["threshold"])
-        assert "heatmap" not in result
+    assert default["scorer"] == block["scorer"]
+    assert default["threshold"] == pytest.approx(block["threshold"])
+    assert default["results"] == by_name[block["scorer"]]["results"]
+    for name, reply in by_name.items():
+        assert reply["scorer"] == name
+        assert reply["threshold"] == pytest.approx(block["scorers"][name]["threshold"])
+        for result, mse in zip(reply["results"], recon["mse"], strict=True):
+            assert result["mse"] == pytest.approx(mse, rel=1e-4)
+            assert result["is_anomaly"] == (result["score"] > reply["threshold"])
+            assert "heatmap" not in result
+    mse_scores = [r["score"] for r in by_name["mse"]["results"]]
+    np.testing.assert_allclose(mse_scores, recon["mse"], rtol=1e-4)
     for result in maps.json()["results"]:
         assert png_pixels(result["heatmap"]).shape == (128, 128, 3)
+    assert unknown.status_code == 422 and "combined" in unknown.json()["error"]["message"]
 
 
 async def test_interpolation_path_ends_are_the_inputs(scene_bytes):

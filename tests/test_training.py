@@ -16,7 +16,7 @@ from aecore import manifest
 from aecore.graphs import open_session
 from aecore.preprocessing import ImageSpec
 from tests.conftest import SCENES
-from training import data
+from training import anomaly, data
 from training.architectures import ARCHITECTURES, build
 from training.export import export
 from training.train import TrainConfig, train
@@ -94,6 +94,18 @@ def test_loader_handles_class_folders_flat_folders_and_bad_files(tmp_path):
     assert not set(train_idx) & set(val_idx)
 
 
+def test_anomaly_set_is_reproducible_and_differs_from_the_normals():
+    normals = data.load(SCENES, ImageSpec()).images[:8]
+    first = anomaly.make_anomalies(normals, ImageSpec(), seed=3)
+    again = anomaly.make_anomalies(normals, ImageSpec(), seed=3)
+    assert set(first) == set(anomaly.KINDS)
+    for kind, images in first.items():
+        assert images.shape == normals.shape and images.dtype == np.uint8
+        np.testing.assert_array_equal(images, again[kind])
+        assert np.abs(images.astype(int) - normals).mean() > 5, kind
+    assert len(anomaly.off_domain_photos()) >= 2
+
+
 @pytest.mark.parametrize("missing", ["does-not-exist", "empty"])
 def test_cli_explains_a_missing_or_empty_data_folder(tmp_path, missing):
     folder = tmp_path / missing
@@ -145,8 +157,19 @@ def test_train_resume_export_gives_a_valid_model_folder(tmp_path):
     assert metrics["onnx_parity_max_abs"] <= 1e-4
     assert 0 < metrics["val_mse"] < 0.2 and 0 < metrics["pca_val_mse"] < 0.2
     assert set(metrics["val_mse_per_class"]) == set(split["classes"])
-    assert body["anomaly"]["calibration_images"] == n_val and body["anomaly"]["threshold"] > 0
-    for name in ("report.md", "reconstructions.png", "loss.png", "latent_map.png"):
+    block = body["anomaly"]
+    assert block["calibration_images"] + block["evaluation"]["normal_images"] == n_val
+    assert set(block["scorers"]) == {"mse", "local", "latent", "combined"}
+    assert set(block["evaluation"]["auroc"]["combined"]) == set(anomaly.KINDS)
+    assert (folder / block["scorers"]["latent"]["file"]).is_file()
+    for name in (
+        "report.md",
+        "reconstructions.png",
+        "loss.png",
+        "latent_map.png",
+        "anomaly.md",
+        "anomaly_examples.png",
+    ):
         assert (folder / "report" / name).stat().st_size > 0
 
     encoder = open_session(folder / "encoder.onnx")

@@ -17,6 +17,7 @@ from aecore import anomaly, manifest
 from aecore.graphs import open_session, run_batched
 from aecore.preprocessing import ImageSpec, to_float
 from training import report
+from training.anomaly import calibrate_and_evaluate
 from training.data import ImageSet
 from training.train import TrainConfig, load_autoencoder, load_split, read_history
 
@@ -184,7 +185,7 @@ def export(
             "pca_components": pca_components,
             "onnx_parity_max_abs": parity_max,
         },
-        "anomaly": anomaly.mse_block(scored["per_image"], target_fpr),
+        "anomaly": calibrate_and_evaluate(staging, train_set, val_set, target_fpr, config.seed),
     }
     write_report(staging / "report", body, val_set, outputs, latents, history)
     manifest.write(staging, body)

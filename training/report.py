@@ -71,7 +71,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def markdown(manifest: dict, figures: dict[str, Path | None], extra: str = "") -> str:
+def markdown(manifest: dict, figures: dict[str, Path | None]) -> str:
     """report.md: the metrics table and the figures, relative to the report folder."""
     m, t = manifest["metrics"], manifest.get("training", {})
     rows = [
@@ -97,8 +97,14 @@ def markdown(manifest: dict, figures: dict[str, Path | None], extra: str = "") -
     if per_class:
         lines += ["", "| class | validation MSE |", "|---|---|"]
         lines += [f"| {c} | {_fmt(v)} |" for c, v in per_class.items()]
-    if extra:
-        lines += ["", extra.strip()]
+    anomaly = manifest.get("anomaly", {})
+    if "evaluation" in anomaly:
+        worst = {s: min(r.values()) for s, r in anomaly["evaluation"]["auroc"].items()}
+        lines += [
+            "",
+            f"Anomaly scoring: default scorer `{anomaly['scorer']}`, worst-kind AUROC "
+            f"{worst[anomaly['scorer']]:.3f}; the full table is in [anomaly.md](anomaly.md).",
+        ]
     for title, fig in figures.items():
         if fig is not None:
             lines += ["", f"## {title}", "", f"![{title}]({fig.name})"]
@@ -107,3 +113,22 @@ def markdown(manifest: dict, figures: dict[str, Path | None], extra: str = "") -
 
 def _fmt(value, spec: str = ".5f") -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def anomaly_examples(
+    examples: dict[str, tuple[np.ndarray, np.ndarray]], scorers, path: Path
+) -> Path:
+    """One row per anomaly kind: the input, its reconstruction, and the served error heatmap."""
+    from aecore.anomaly import error_heatmap
+
+    fig, axes = plt.subplots(len(examples), 3, figsize=(5.4, 1.8 * len(examples)), squeeze=False)
+    for row, (kind, (x, y)) in enumerate(examples.items()):
+        heat = error_heatmap(x, y, scorers.heatmap_scale, scorers.sigma)
+        for col, image in enumerate((x, y, heat)):
+            axes[row, col].imshow(np.clip(image, 0, 1) if image.dtype != np.uint8 else image)
+            axes[row, col].axis("off")
+        axes[row, 0].text(-0.06, 0.5, kind, rotation=90, fontsize=8, ha="right", va="center",
+                          transform=axes[row, 0].transAxes)  # fmt: skip
+    for col, title in enumerate(("input", "reconstruction", "error heatmap")):
+        axes[0, col].set_title(title, fontsize=8)
+    return _save(fig, path)

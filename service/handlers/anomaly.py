@@ -1,4 +1,4 @@
-"""POST /anomaly-score: the manifest's scorer against its calibrated threshold."""
+"""POST /anomaly-score: a calibrated scorer from the manifest against its threshold."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from aecore.anomaly import error_heatmap
+from aecore.anomaly import Evidence, error_heatmap, per_image_mse
+from service import errors
 from service.dependencies import RuntimeDep, require_api_key
 from service.handlers.common import model_ref, request_images
 from service.responses import FastJSON
@@ -19,9 +20,9 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 @router.post(
     "/anomaly-score",
     summary="Score images for anomalies",
-    description="`is_anomaly` is `score > threshold`; the scorer and threshold come from the "
-    "model's manifest, calibrated on held-out images. `heatmap=true` adds a per-pixel error "
-    "map laid over each input.",
+    description="`is_anomaly` is `score > threshold`. The scorer (default: the manifest's) and "
+    "its threshold come from the model's manifest, calibrated on held-out images. "
+    "`heatmap=true` adds the smoothed per-pixel error laid over each input.",
     response_model=None,
     responses=responses(AnomalyResponse),
     openapi_extra=request_body(ImagesJson),
@@ -30,21 +31,32 @@ async def anomaly_score(
     request: Request,
     runtime: RuntimeDep,
     heatmap: Annotated[bool, Query(description="add a base64 PNG error heatmap per image")] = False,
+    scorer: Annotated[
+        str | None, Query(description="mse, local, latent or combined; default: the model's")
+    ] = None,
 ):
+    scorers = runtime.model.scorers
+    name = scorer or scorers.default
+    if name not in scorers.names:
+        raise errors.InvalidParameter(f"unknown scorer {name!r}; this model has {scorers.names}")
     images = await request_images(request, runtime)
-    outputs = await runtime.reconstruct(images)
-    model = runtime.model
-    scores, mse = model.score(images, outputs)
-    threshold = float(model.anomaly["threshold"])
+    latents = await runtime.encode(images)
+    outputs = await runtime.decode(latents)
+    loop = asyncio.get_running_loop()
+    evidence = Evidence(images, outputs, latents)
+    scores = await loop.run_in_executor(runtime.pool, runtime.model.score, name, evidence)
+    mse = per_image_mse(images, outputs)
+    threshold = scorers.thresholds[name]
     results = [
         {"score": float(s), "is_anomaly": bool(s > threshold), "mse": float(m)}
         for s, m in zip(scores, mse, strict=True)
     ]
     if heatmap:
-        scale = model.heatmap_scale
         maps = await asyncio.gather(
             *(
-                asyncio.get_running_loop().run_in_executor(runtime.pool, error_heatmap, x, y, scale)
+                loop.run_in_executor(
+                    runtime.pool, error_heatmap, x, y, scorers.heatmap_scale, scorers.sigma
+                )
                 for x, y in zip(images, outputs, strict=True)
             )
         )
@@ -52,10 +64,5 @@ async def anomaly_score(
             result["heatmap"] = png
     runtime.count("anomaly-score", len(results))
     return FastJSON(
-        {
-            "model": model_ref(runtime),
-            "threshold": threshold,
-            "scorer": model.anomaly["scorer"],
-            "results": results,
-        }
+        {"model": model_ref(runtime), "threshold": threshold, "scorer": name, "results": results}
     )
