@@ -30,6 +30,10 @@ lint: $(DEV_VENV)/.installed
 test: lint  ## ruff, then the whole test suite
 	$(DEV_VENV)/bin/python -m pytest
 
+.PHONY: lint-deploy
+lint-deploy: $(DEV_VENV)/.installed  ## hadolint, compose schema, k8s manifests, dashboards
+	$(DEV_VENV)/bin/python -m pytest -q tests/test_deploy.py
+
 format: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check --fix .
 	$(DEV_VENV)/bin/ruff format .
