@@ -5,14 +5,18 @@ and latents) to one score per image, higher meaning more anomalous:
 
 - `mse`: mean squared reconstruction error (the reference approach);
 - `local`: the peak of the Gaussian-smoothed per-pixel error map, as anomalib scores images
-  from their anomaly maps: a small occluder or stain stands out where a global mean hides it;
-- `latent`: squared Mahalanobis distance of the latent under a Gaussian fitted on the training
-  latents, for images that reconstruct well but lie off the training distribution;
-- `combined`: each of the above standardised by its own held-out normal distribution, then
-  the largest of them: an image is as anomalous as its most alarmed detector.
+  from their anomaly maps: a small defect stands out where a global mean hides it;
+- `latent`: squared Mahalanobis distance of the latent under a Gaussian of training latents;
+- `noise`: the image's noise level (Donoho's estimate from the finest Haar detail band);
+- `flat`: the fraction of perfectly flat pixels (occluders, dead or padded regions);
+- `colour`: Mahalanobis distance of colour statistics under a Gaussian of training images;
+- `combined`: each of the above put on the scale of its own held-out normal images (0 at their
+  median, 1 at their 99th percentile), then the largest: as anomalous as the most alarmed.
 
-The manifest's `anomaly` block holds the default scorer, one calibrated threshold per scorer,
-and everything they need; the latent Gaussian sits beside the graphs in `latent_gaussian.npz`.
+Reconstruction error alone is a weak detector on natural scenes (smooth off-domain images
+reconstruct *better* than the scenes); the image-statistics detectors cover what it misses.
+The manifest's `anomaly` block holds the default scorer, one calibrated threshold per scorer
+and the combined scorer's normalisation; both Gaussians sit in `gaussians.npz`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-GAUSSIAN_FILE = "latent_gaussian.npz"
+GAUSSIAN_FILE = "gaussians.npz"
 DEFAULT_SIGMA = 4.0
 
 
@@ -51,12 +55,57 @@ def error_maps(inputs: np.ndarray, outputs: np.ndarray, sigma: float = DEFAULT_S
     return np.stack([cv2.GaussianBlur(e, (0, 0), sigmaX=sigma) for e in error])
 
 
-def mahalanobis(latents: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    centred = latents.astype(np.float64) - mean
+def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    centred = features.astype(np.float64) - mean
     return np.einsum("ij,jk,ik->i", centred, precision, centred)
 
 
+def noise_level(inputs: np.ndarray) -> np.ndarray:
+    """Donoho's sigma estimate, median(|HH|) / 0.6745, on the finest diagonal Haar band of the
+    grey image: edges barely move the median, sensor noise lifts it."""
+    grey = inputs.mean(axis=-1)
+    h, w = grey.shape[1] // 2 * 2, grey.shape[2] // 2 * 2
+    g = grey[:, :h, :w]
+    hh = (g[:, 0::2, 0::2] - g[:, 0::2, 1::2] - g[:, 1::2, 0::2] + g[:, 1::2, 1::2]) / 2
+    return np.median(np.abs(hh).reshape(len(g), -1), axis=1) / 0.6745
+
+
+def flat_fraction(inputs: np.ndarray, window: int = 5, tolerance: float = 1e-6) -> np.ndarray:
+    """Fraction of pixels whose window x window neighbourhood is constant in every channel."""
+    out = np.empty(len(inputs))
+    for i, image in enumerate(inputs.astype(np.float32)):
+        mean = cv2.blur(image, (window, window))
+        variance = cv2.blur(image * image, (window, window)) - mean * mean
+        out[i] = np.mean(variance.max(axis=-1) < tolerance)
+    return out
+
+
+def colour_statistics(inputs: np.ndarray) -> np.ndarray:
+    """Per image: RGB mean and spread, mean RGB of the top and bottom thirds (sky, ground),
+    mean and spread of HSV saturation: 14 numbers."""
+    third = inputs.shape[1] // 3
+    saturation = np.stack(
+        [cv2.cvtColor(im.astype(np.float32), cv2.COLOR_RGB2HSV)[..., 1] for im in inputs]
+    )
+    return np.concatenate(
+        [
+            inputs.mean(axis=(1, 2)),
+            inputs.std(axis=(1, 2)),
+            inputs[:, :third].mean(axis=(1, 2)),
+            inputs[:, -third:].mean(axis=(1, 2)),
+            np.stack([saturation.mean(axis=(1, 2)), saturation.std(axis=(1, 2))], axis=1),
+        ],
+        axis=1,
+    )
+
+
 Scorer = Callable[[Evidence], np.ndarray]
+
+# What each density scorer measures; its Gaussian is stored as <name>_mean, <name>_precision.
+DENSITY_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
+    "latent": lambda ev: ev.latents,
+    "colour": lambda ev: colour_statistics(ev.inputs),
+}
 
 
 def mse_scorer() -> Scorer:
@@ -67,26 +116,27 @@ def local_scorer(sigma: float = DEFAULT_SIGMA) -> Scorer:
     return lambda ev: error_maps(ev.inputs, ev.outputs, sigma).reshape(len(ev.inputs), -1).max(1)
 
 
-def latent_scorer(mean: np.ndarray, precision: np.ndarray) -> Scorer:
-    return lambda ev: mahalanobis(ev.latents, mean, precision)
+def density_scorer(name: str, mean: np.ndarray, precision: np.ndarray) -> Scorer:
+    features = DENSITY_FEATURES[name]
+    return lambda ev: mahalanobis(features(ev), mean, precision)
 
 
 def combined_scorer(parts: dict[str, Scorer], norms: dict[str, dict[str, float]]) -> Scorer:
-    """The largest standardised score over `parts`; `norms` gives each part's centre and scale."""
+    """The largest normalised score over `parts`; `norms` gives each part's centre and scale."""
 
     def score(ev: Evidence) -> np.ndarray:
-        standardised = [
+        normalised = [
             (parts[name](ev) - norm["center"]) / norm["scale"] for name, norm in norms.items()
         ]
-        return np.max(np.stack(standardised), axis=0)
+        return np.max(np.stack(normalised), axis=0)
 
     return score
 
 
-def standardisation(normal_scores: np.ndarray) -> dict[str, float]:
-    """Robust centre and scale of held-out normal scores (median and IQR/1.349 ~ one sigma)."""
-    q25, median, q75 = np.quantile(np.asarray(normal_scores, np.float64), [0.25, 0.5, 0.75])
-    return {"center": float(median), "scale": float(max((q75 - q25) / 1.349, 1e-12))}
+def normalisation(normal_scores: np.ndarray) -> dict[str, float]:
+    """Centre at the median of held-out normal scores, unit at their 99th percentile."""
+    median, q99 = np.quantile(np.asarray(normal_scores, np.float64), [0.5, 0.99])
+    return {"center": float(median), "scale": float(max(q99 - median, 1e-12))}
 
 
 def calibrate(normal_scores: np.ndarray, target_fpr: float) -> float:
@@ -100,32 +150,48 @@ def calibrate(normal_scores: np.ndarray, target_fpr: float) -> float:
 
 
 class AnomalyScorers:
-    """The scorers a manifest's `anomaly` block describes, with their thresholds."""
+    """The scorers a manifest's `anomaly` block describes, with their calibrated thresholds.
+
+    While calibrating, the block may lack thresholds and the combined scorer.
+    """
 
     def __init__(self, block: dict, folder: Path) -> None:
         self.default = block["scorer"]
-        self.target_fpr = block.get("target_fpr")
-        specs = block.get("scorers") or {self.default: {"threshold": block["threshold"]}}
-        self.thresholds = {name: float(spec["threshold"]) for name, spec in specs.items()}
-        self.heatmap_scale = float(block.get("heatmap_scale", 5 * self.thresholds[self.default]))
+        specs = block["scorers"]
+        self.thresholds = {n: float(s["threshold"]) for n, s in specs.items() if "threshold" in s}
         self.sigma = float(specs.get("local", {}).get("sigma", DEFAULT_SIGMA))
+        self.heatmap_scale = float(block.get("heatmap_scale", 0.05))
         self._scorers: dict[str, Scorer] = {}
+        gaussians = self._gaussians(specs, folder)
         for name in specs:
             if name == "mse":
                 self._scorers[name] = mse_scorer()
             elif name == "local":
                 self._scorers[name] = local_scorer(self.sigma)
-            elif name == "latent":
-                path = Path(folder) / specs[name].get("file", GAUSSIAN_FILE)
-                _check_hash(path, specs[name].get("sha256"))
-                with np.load(path) as gaussian:
-                    self._scorers[name] = latent_scorer(gaussian["mean"], gaussian["precision"])
+            elif name == "noise":
+                self._scorers[name] = lambda ev: noise_level(ev.inputs)
+            elif name == "flat":
+                self._scorers[name] = lambda ev: flat_fraction(ev.inputs)
+            elif name in DENSITY_FEATURES:
+                mean, precision = gaussians[f"{name}_mean"], gaussians[f"{name}_precision"]
+                self._scorers[name] = density_scorer(name, mean, precision)
         if "combined" in specs:
             norms = specs["combined"]["normalisation"]
-            self._scorers["combined"] = combined_scorer(self._scorers, norms)
+            self._scorers["combined"] = combined_scorer(dict(self._scorers), norms)
         unknown = set(specs) - set(self._scorers)
         if unknown:
             raise ValueError(f"unknown anomaly scorer(s) {sorted(unknown)} in the manifest")
+
+    @staticmethod
+    def _gaussians(specs: dict, folder: Path) -> dict[str, np.ndarray]:
+        files = {spec["file"]: spec.get("sha256") for name, spec in specs.items() if "file" in spec}
+        arrays: dict[str, np.ndarray] = {}
+        for file, expected in files.items():
+            path = Path(folder) / file
+            _check_hash(path, expected)
+            with np.load(path) as data:
+                arrays.update({key: data[key] for key in data.files})
+        return arrays
 
     @property
     def names(self) -> list[str]:
@@ -139,7 +205,7 @@ def _check_hash(path: Path, expected: str | None) -> None:
     from aecore.manifest import ModelFolderError, sha256_file
 
     if not path.is_file():
-        raise ModelFolderError(f"{path} not found; the manifest's latent scorer needs it")
+        raise ModelFolderError(f"{path} not found; the manifest's anomaly scorers need it")
     if expected is not None and sha256_file(path) != expected:
         raise ModelFolderError(f"{path} does not match its sha256 in the manifest")
 

@@ -25,12 +25,11 @@ def test_threshold_is_the_upper_quantile_of_normal_scores():
         anomaly.calibrate([], 0.01)
 
 
-def test_standardisation_recovers_centre_and_sigma_robustly():
-    rng = np.random.default_rng(0)
-    scores = np.r_[rng.normal(5.0, 2.0, 20_000), [1e9] * 50]  # a few wild outliers
-    norm = anomaly.standardisation(scores)
-    assert norm["center"] == pytest.approx(5.0, abs=0.05)
-    assert norm["scale"] == pytest.approx(2.0, rel=0.03)
+def test_normalisation_puts_the_normal_median_at_0_and_99th_percentile_at_1():
+    scores = np.arange(0, 1001, dtype=float)
+    norm = anomaly.normalisation(scores)
+    assert norm == {"center": 500.0, "scale": 490.0}
+    assert (np.quantile(scores, 0.99) - norm["center"]) / norm["scale"] == pytest.approx(1.0)
 
 
 def _evidence(inputs, outputs, latents=None):
@@ -50,12 +49,39 @@ def test_local_scorer_finds_a_concentrated_error_that_mse_averages_away():
     assert local[1] > 5 * local[0]
 
 
-def test_latent_scorer_is_the_mahalanobis_distance():
+def test_density_scorer_is_the_mahalanobis_distance():
     cov = np.diag([1.0, 4.0, 9.0])
     latents = np.array([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 3.0], [2.0, 2.0, 0]])
     ev = _evidence(np.zeros((4, 2, 2, 3)), np.zeros((4, 2, 2, 3)), latents)
-    scores = anomaly.latent_scorer(np.zeros(3), np.linalg.inv(cov))(ev)
+    scores = anomaly.density_scorer("latent", np.zeros(3), np.linalg.inv(cov))(ev)
     np.testing.assert_allclose(scores, [1.0, 1.0, 1.0, 5.0])
+
+
+def test_noise_level_estimates_sigma_on_a_real_photo(scene_paths):
+    photo = load_image(scene_paths[3].read_bytes(), ImageSpec())[None]
+    rng = np.random.default_rng(0)
+    noisy = np.clip(photo + rng.normal(0, 0.08, photo.shape), 0, 1)
+    clean_level, noisy_level = anomaly.noise_level(photo)[0], anomaly.noise_level(noisy)[0]
+    assert clean_level < 0.03
+    assert noisy_level == pytest.approx(0.08 / np.sqrt(3), rel=0.3)  # grey averages 3 channels
+
+
+def test_flat_fraction_counts_constant_neighbourhoods(scene_paths):
+    photo = load_image(scene_paths[0].read_bytes(), ImageSpec())[None]
+    patched = photo.copy()
+    patched[0, :64, :64] = [0.9, 0.1, 0.1]
+    flat_before, flat_after = anomaly.flat_fraction(photo)[0], anomaly.flat_fraction(patched)[0]
+    assert flat_after - flat_before == pytest.approx(60 * 60 / 128**2, abs=0.02)
+
+
+def test_colour_statistics_see_a_swapped_channel_order(scene_paths):
+    photo = load_image(scene_paths[-8].read_bytes(), ImageSpec())[None]  # a sea image
+    stats, swapped = (
+        anomaly.colour_statistics(photo)[0],
+        anomaly.colour_statistics(photo[..., ::-1])[0],
+    )
+    assert stats.shape == (14,)
+    np.testing.assert_allclose(swapped[:3], stats[2::-1], rtol=1e-5)  # mean R and B trade places
 
 
 def test_combined_is_the_largest_standardised_part():
@@ -75,7 +101,7 @@ def test_the_bundled_model_carries_every_scorer_calibrated(served_folder, scene_
 
     block = manifest.read(served_folder)["anomaly"]
     scorers = anomaly.AnomalyScorers(block, served_folder)
-    assert set(scorers.names) == {"mse", "local", "latent", "combined"}
+    assert set(scorers.names) == {"mse", "local", "latent", "noise", "flat", "colour", "combined"}
     assert scorers.default == block["scorer"] and block["target_fpr"] == 0.01
     assert block["calibration_images"] > 0
     spec = ImageSpec()

@@ -159,7 +159,7 @@ def test_train_resume_export_gives_a_valid_model_folder(tmp_path):
     assert set(metrics["val_mse_per_class"]) == set(split["classes"])
     block = body["anomaly"]
     assert block["calibration_images"] + block["evaluation"]["normal_images"] == n_val
-    assert set(block["scorers"]) == {"mse", "local", "latent", "combined"}
+    assert set(block["scorers"]) == {*anomaly.BASE_SCORERS, "combined"}
     assert set(block["evaluation"]["auroc"]["combined"]) == set(anomaly.KINDS)
     assert (folder / block["scorers"]["latent"]["file"]).is_file()
     for name in (

@@ -21,7 +21,7 @@ from training.data import ImageSet, stratified_split
 log = logging.getLogger(__name__)
 
 KINDS = ("noise", "occlusion", "pattern", "off_domain", "channel_swap")
-SCORERS = ("mse", "local", "latent", "combined")
+BASE_SCORERS = ("mse", "local", "latent", "noise", "flat", "colour")
 DEFAULT_SCORER = "combined"
 
 
@@ -120,18 +120,23 @@ def evidence(folder: Path, images: np.ndarray, batch_size: int = 32) -> anomaly.
     return anomaly.Evidence(inputs, run_batched(decoder, latents, batch_size), latents)
 
 
-def fit_gaussian(folder: Path, train_images: np.ndarray) -> Path:
-    """A Ledoit-Wolf Gaussian of the training latents, saved beside the graphs."""
+def fit_gaussians(folder: Path, train_images: np.ndarray) -> Path:
+    """Ledoit-Wolf Gaussians of the training latents and colour statistics, beside the graphs."""
     from sklearn.covariance import LedoitWolf
 
     encoder = open_session(folder / "encoder.onnx")
-    latents = np.concatenate(
-        [run_batched(encoder, to_float(train_images[i : i + 256]), 32)
-         for i in range(0, len(train_images), 256)]
-    )  # fmt: skip
-    fit = LedoitWolf().fit(latents.astype(np.float64))
+    features: dict[str, list[np.ndarray]] = {name: [] for name in anomaly.DENSITY_FEATURES}
+    for i in range(0, len(train_images), 256):
+        inputs = to_float(train_images[i : i + 256])
+        ev = anomaly.Evidence(inputs, inputs, run_batched(encoder, inputs, 32))
+        for name, feature in anomaly.DENSITY_FEATURES.items():
+            features[name].append(feature(ev))
+    arrays = {}
+    for name, chunks in features.items():
+        fit = LedoitWolf().fit(np.concatenate(chunks).astype(np.float64))
+        arrays[f"{name}_mean"], arrays[f"{name}_precision"] = fit.location_, fit.precision_
     path = folder / anomaly.GAUSSIAN_FILE
-    np.savez(path, mean=fit.location_, precision=fit.precision_)
+    np.savez(path, **arrays)
     return path
 
 
@@ -150,29 +155,21 @@ def calibrate_and_evaluate(
     from aecore.manifest import sha256_file
 
     spec = ImageSpec(*val.images.shape[1:3])
-    gaussian = fit_gaussian(folder, train.images)
+    gaussians = fit_gaussians(folder, train.images)
     calib_idx, eval_idx = stratified_split(val.labels, 0.5, seed)
     calib = evidence(folder, val.images[calib_idx])
-    normal = evidence(folder, val.images[eval_idx])
-    kinds = {
-        k: evidence(folder, v) for k, v in make_anomalies(val.images[eval_idx], spec, seed).items()
-    }
-
-    with np.load(gaussian) as g:
-        parts = {
-            "mse": anomaly.mse_scorer(),
-            "local": anomaly.local_scorer(anomaly.DEFAULT_SIGMA),
-            "latent": anomaly.latent_scorer(g["mean"], g["precision"]),
-        }
-        norms = {name: anomaly.standardisation(scorer(calib)) for name, scorer in parts.items()}
-        calib_scores = {name: scorer(calib) for name, scorer in parts.items()}
-        calib_scores["combined"] = anomaly.combined_scorer(parts, norms)(calib)
-    specs = {
-        name: {"threshold": anomaly.calibrate(s, target_fpr)} for name, s in calib_scores.items()
-    }
+    specs: dict[str, dict] = {name: {} for name in BASE_SCORERS}
     specs["local"]["sigma"] = anomaly.DEFAULT_SIGMA
-    specs["latent"].update(file=gaussian.name, sha256=sha256_file(gaussian))
-    specs["combined"]["normalisation"] = norms
+    for name in anomaly.DENSITY_FEATURES:
+        specs[name].update(file=gaussians.name, sha256=sha256_file(gaussians))
+    base = anomaly.AnomalyScorers({"scorer": default, "scorers": specs}, folder)
+    calib_scores = {name: base.score(name, calib) for name in BASE_SCORERS}
+    norms = {name: anomaly.normalisation(scores) for name, scores in calib_scores.items()}
+    specs["combined"] = {"normalisation": norms}
+    combined = anomaly.AnomalyScorers({"scorer": default, "scorers": specs}, folder)
+    calib_scores["combined"] = combined.score("combined", calib)
+    for name, scores in calib_scores.items():
+        specs[name]["threshold"] = anomaly.calibrate(scores, target_fpr)
     block = {
         "scorer": default,
         "threshold": specs[default]["threshold"],
@@ -184,6 +181,9 @@ def calibrate_and_evaluate(
     }
     # Measure through the same class the service uses, so the figures are the served ones.
     scorers = anomaly.AnomalyScorers(block, folder)
+    normal = evidence(folder, val.images[eval_idx])
+    anomalies = make_anomalies(val.images[eval_idx], spec, seed)
+    kinds = {kind: evidence(folder, images) for kind, images in anomalies.items()}
     block["evaluation"] = _evaluate(scorers, normal, kinds)
     _write_report(folder / "report", block, scorers, kinds)
     return block
