@@ -145,7 +145,7 @@ def test_train_resume_export_gives_a_valid_model_folder(tmp_path):
     train(TrainConfig(**{**config.__dict__, "epochs": 2}), resume=True)  # continues at epoch 2
     assert len((run / "history.csv").read_text().splitlines()) == 3
 
-    folder = export(run, tmp_path / "models", "fixture")
+    folder = export(run, tmp_path / "models", "fixture", compare_seed=False)
     assert folder == tmp_path / "models" / "fixture" / "1"
     body = manifest.read(folder)  # verifies the sha256 of both graphs
     assert body["latent_dim"] == 1024 and body["architecture"] == "spatial"
@@ -181,4 +181,10 @@ def test_train_resume_export_gives_a_valid_model_folder(tmp_path):
         z = encoder.run(None, {"image": np.zeros((batch, 128, 128, 3), np.float32)})[0]
         assert z.shape == (batch, 1024)
         assert decoder.run(None, {"latent": z})[0].shape == (batch, 128, 128, 3)
-    assert export(run, tmp_path / "models", "fixture").name == "2"  # next free version
+    again = export(run, tmp_path / "models", "fixture", baseline_run=run)  # with the comparison
+    assert again.name == "2"  # the next free version
+    comparison = manifest.read(again)["metrics"]["comparison"]
+    assert set(comparison["reconstruct_img_s"]) == {"spatial", "seed"}
+    assert comparison["speedup_vs_seed"] > 0  # a figure for the report; tests assert no timings
+    assert comparison["runs"]["seed"]["epochs"] == 2
+    assert "Against the reference architecture" in (again / "report" / "report.md").read_text()

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--name", default="intel-scenes")
     e.add_argument("--version", type=int, help="default: the next free version")
     e.add_argument("--target-fpr", type=float, default=0.01, help="anomaly calibration target")
+    e.add_argument("--baseline-run", help="a `seed` run on the same split, for the report")
+    e.add_argument("--no-compare", action="store_true", help="skip the throughput comparison")
 
     v = sub.add_parser("evaluate", help="metrics and a report for a model folder on images")
     v.add_argument("--model", required=True, help="model folder, e.g. models/intel-scenes/1")
@@ -75,7 +77,11 @@ def _train(args) -> int:
 def _export(args) -> int:
     from training.export import export
 
-    folder = export(Path(args.run), Path(args.model_dir), args.name, args.version, args.target_fpr)
+    baseline = Path(args.baseline_run) if args.baseline_run else None
+    folder = export(
+        Path(args.run), Path(args.model_dir), args.name, args.version, args.target_fpr,
+        compare_seed=not args.no_compare, baseline_run=baseline,
+    )  # fmt: skip
     print(
         json.dumps(
             {"model": str(folder), **json.loads((folder / "model.json").read_text())["metrics"]},

@@ -18,6 +18,7 @@ from aecore.graphs import open_session, run_batched
 from aecore.preprocessing import ImageSpec, to_float
 from training import report
 from training.anomaly import calibrate_and_evaluate
+from training.compare import compare
 from training.data import ImageSet
 from training.train import TrainConfig, load_autoencoder, load_split, read_history
 
@@ -112,9 +113,19 @@ def next_version(model_root: Path) -> int:
 
 
 def export(
-    run_dir: Path, model_dir: Path, name: str, version: int | None = None, target_fpr: float = 0.01
+    run_dir: Path,
+    model_dir: Path,
+    name: str,
+    version: int | None = None,
+    target_fpr: float = 0.01,
+    compare_seed: bool = True,
+    baseline_run: Path | None = None,
 ) -> Path:
-    """Export a training run into `model_dir/name/version` and return that folder."""
+    """Export a training run into `model_dir/name/version` and return that folder.
+
+    With `compare_seed`, the report also measures throughput against the seed architecture
+    (and reads the seed's training run, `baseline_run`, when given).
+    """
     run_dir = Path(run_dir)
     config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
     spec = config.spec
@@ -187,6 +198,8 @@ def export(
         },
         "anomaly": calibrate_and_evaluate(staging, train_set, val_set, target_fpr, config.seed),
     }
+    if compare_seed:
+        body["metrics"]["comparison"] = compare(staging, run_dir, baseline_run)
     write_report(staging / "report", body, val_set, outputs, latents, history)
     manifest.write(staging, body)
     staging.rename(folder)

@@ -97,6 +97,8 @@ def markdown(manifest: dict, figures: dict[str, Path | None]) -> str:
     if per_class:
         lines += ["", "| class | validation MSE |", "|---|---|"]
         lines += [f"| {c} | {_fmt(v)} |" for c, v in per_class.items()]
+    if "comparison" in m:
+        lines += ["", *comparison_table(m["comparison"])]
     anomaly = manifest.get("anomaly", {})
     if "evaluation" in anomaly:
         worst = {s: min(r.values()) for s, r in anomaly["evaluation"]["auroc"].items()}
@@ -109,6 +111,41 @@ def markdown(manifest: dict, figures: dict[str, Path | None]) -> str:
         if fig is not None:
             lines += ["", f"## {title}", "", f"![{title}]({fig.name})"]
     return "\n".join(lines) + "\n"
+
+
+def comparison_table(c: dict) -> list[str]:
+    """Markdown rows: this architecture against the seed, throughput and training."""
+    archs = list(c["reconstruct_img_s"])
+    runs = c["runs"]
+
+    def run_cell(arch: str, key: str) -> str:
+        run = runs.get(arch)
+        if run is None:
+            return "not trained here"
+        curve = run["val_mse_by_epoch"]
+        if key == "first":
+            return _fmt(curve[0]) if curve else "n/a"
+        if key == "best":
+            return f"{_fmt(min(curve))} ({run['epochs']} epochs)" if curve else "n/a"
+        return _fmt(run["seconds_per_epoch"], ".0f")
+
+    m = c["machine"]
+    lines = [
+        "## Against the reference architecture",
+        "",
+        f"Measured in one run on {m['cpu']} ({m['cores']} cores), onnxruntime {m['onnxruntime']}, "
+        f"CPU provider, batch {c['batch']}. Speed-up: **{c['speedup_vs_seed']}x**.",
+        "",
+        "| | " + " | ".join(archs) + " |",
+        "|---|" + "---|" * len(archs),
+        "| reconstruct img/s (encoder + decoder) | "
+        + " | ".join(f"{c['reconstruct_img_s'][a]:.1f}" for a in archs)
+        + " |",
+    ]
+    for label, key in (("val MSE after 1 epoch", "first"), ("best val MSE", "best"),
+                       ("training seconds per epoch", "seconds")):  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(run_cell(a, key) for a in archs) + " |")
+    return lines
 
 
 def _fmt(value, spec: str = ".5f") -> str:
