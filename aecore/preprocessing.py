@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import struct
 from dataclasses import dataclass
 
 # OpenCV's own guard against decompression bombs; must be set before cv2 is imported.
@@ -68,14 +70,74 @@ class ImageSpec:
 
 
 def declared_pixels(data: bytes) -> int | None:
-    """Pixel count from the file header, without decoding; None when the header is unknown."""
-    try:
-        width, height = imagesize.get(io.BytesIO(data))
-    except Exception:  # imagesize raises assorted errors on garbage; the decoder will judge
-        return None
+    """Pixel count from the file header, without decoding; None when the header is unknown.
+
+    Raises ImageDecodeError for a format that can expand a few KB into gigabytes when its
+    header cannot be read, so that such a file is never decoded blind.
+    """
+    size = _compressed_header(data)
+    if size is None:
+        try:
+            size = imagesize.get(io.BytesIO(data))
+        except Exception:  # imagesize raises assorted errors on garbage; the decoder will judge
+            return None
+    width, height = size
     if width is None or height is None or width < 0 or height < 0:
         return None
     return int(width) * int(height)
+
+
+_J2K = b"\xff\x4f\xff\x51"  # a JPEG 2000 codestream: SOC, then the SIZ marker with the size
+_JP2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_HDR_SIZE = re.compile(rb"FORMAT=32-bit_rle_rgbe\n\n-Y\s*([-+]?\d+)\s*\+X\s*([-+]?\d+)")
+
+
+def _compressed_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the compressed formats OpenCV decodes that imagesize misses or misreads.
+
+    GIF (imagesize reads its sizes as signed 16-bit, so 50000 becomes negative), Sun raster,
+    Radiance HDR, and JPEG 2000, where what OpenCV allocates follows the codestream's SIZ
+    marker, not the `ihdr` box imagesize reads. None for every other format.
+    """
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return _unpack("<HH", data, 6)
+    if data[:4] == b"\x59\xa6\x6a\x95":  # Sun raster
+        return _unpack(">II", data, 4)
+    if data[:4] == _J2K or data[:12] == _JP2:
+        start = 0 if data[:4] == _J2K else _jp2_codestream(data)
+        if start is None or data[start : start + 4] != _J2K:
+            raise ImageDecodeError("JPEG 2000 file without a readable codestream header")
+        x1, y1, x0, y0 = _unpack(">IIII", data, start + 8)
+        return x1 - x0, y1 - y0
+    if data[:2] == b"#?":  # Radiance HDR, as OpenCV's reader parses it: height first
+        match = _HDR_SIZE.search(data, 0, 65536)
+        if match is None:
+            raise ImageDecodeError("Radiance HDR file without a readable size line")
+        return int(match[2]), int(match[1])
+    return None
+
+
+def _unpack(layout: str, data: bytes, offset: int) -> tuple[int, ...]:
+    try:
+        return struct.unpack_from(layout, data, offset)
+    except struct.error:
+        raise ImageDecodeError("truncated image header") from None
+
+
+def _jp2_codestream(data: bytes) -> int | None:
+    """Offset of the codestream in a JP2 file: the payload of its top-level `jp2c` box."""
+    pos = 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        header = 8
+        if length == 1 and pos + 16 <= len(data):  # a 64-bit box length follows
+            length, header = struct.unpack_from(">Q", data, pos + 8)[0], 16
+        if kind == b"jp2c":
+            return pos + header
+        if length < header:  # 0 means "to the end of the file": only the codestream may
+            return None
+        pos += length
+    return None
 
 
 def decode_rgb(data: bytes, max_pixels: int | None = None) -> np.ndarray:
@@ -91,9 +153,15 @@ def decode_rgb(data: bytes, max_pixels: int | None = None) -> np.ndarray:
         if pixels is not None and pixels > max_pixels:
             raise ImageTooLargeError(f"image declares {pixels} pixels, the limit is {max_pixels}")
     buf = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    undecodable = "not an image OpenCV can decode (JPEG, PNG, BMP, WebP, TIFF, ...)"
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as exc:  # some decoders (GIF, a disabled EXR) raise instead of failing
+        if "CV_IO_MAX_IMAGE" in str(exc):  # OpenCV's own guard (OPENCV_IO_MAX_IMAGE_PIXELS)
+            raise ImageTooLargeError("image is larger than OpenCV's decoding limit") from None
+        raise ImageDecodeError(undecodable) from None
     if image is None or image.size == 0:
-        raise ImageDecodeError("not an image OpenCV can decode (JPEG, PNG, BMP, WebP, TIFF, ...)")
+        raise ImageDecodeError(undecodable)
     if max_pixels is not None and image.shape[0] * image.shape[1] > max_pixels:
         raise ImageTooLargeError(
             f"image has {image.shape[0] * image.shape[1]} pixels, the limit is {max_pixels}"

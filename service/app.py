@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
-from service.handlers import anomaly, decode, encode, health, interpolate, reconstruct
-from service.limits import BodySizeLimit
+from service.handlers import anomaly, decode, encode, health, interpolate, reconstruct, ui
+from service.limits import BodySizeLimit, InFlightLimit
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
@@ -48,6 +51,37 @@ class RequestMetrics:
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
 
 
+def _unready_on_exit_signals(runtime: Runtime) -> Callable[[], None]:
+    """Turn /readyz to 503 the moment SIGTERM or SIGINT arrives; returns what undoes this.
+
+    uvicorn installs its exit handlers before the lifespan starts; on a signal it stops
+    accepting, waits for in-flight requests, and only then runs the lifespan's shutdown. Chaining
+    its handlers fails readiness (and refuses new inference with 503) at once, while in-flight
+    requests still complete.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # handlers can only be set from the main thread
+    chained = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        server_handler = signal.getsignal(sig)
+        if not callable(server_handler):
+            continue  # no Python handler (the default ends the process): nothing to chain
+
+        def handler(signum, frame, server_handler=server_handler):
+            runtime.ready = False
+            server_handler(signum, frame)
+
+        signal.signal(sig, handler)
+        chained[sig] = (handler, server_handler)
+
+    def restore() -> None:
+        for sig, (handler, server_handler) in chained.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, server_handler)
+
+    return restore
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
@@ -57,9 +91,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime = Runtime(settings, metrics)
         await runtime.load()  # a missing model or AE_REQUIRE_GPU without a GPU stops start-up
         app.state.runtime = runtime
+        restore_signals = _unready_on_exit_signals(runtime)
         try:
             yield
         finally:
+            restore_signals()
             await runtime.close()
 
     app = FastAPI(
@@ -73,8 +109,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.runtime = None
     errors.install(app)
-    for module in (encode, decode, reconstruct, anomaly, interpolate, health):
+    for module in (encode, decode, reconstruct, anomaly, interpolate, health, ui):
         app.include_router(module.router)
+    # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE).
+    app.add_middleware(
+        InFlightLimit, limit=settings.max_queue_size, retry_after_s=settings.retry_after_s
+    )
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

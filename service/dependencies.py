@@ -35,7 +35,8 @@ def require_api_key(key: ApiKey, settings: SettingsDep) -> None:
     if settings.api_key is None:
         return
     expected = settings.api_key.get_secret_value().encode()
-    if key is None or not hmac.compare_digest(key.encode(), expected):
+    # Starlette decodes header bytes as latin-1; undo that to compare the bytes that were sent.
+    if key is None or not hmac.compare_digest(key.encode("latin-1"), expected):
         raise Unauthorized("missing or wrong X-API-Key header")
 
 

@@ -42,6 +42,10 @@ class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
 
 
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 

@@ -10,13 +10,16 @@ import asyncio
 import base64
 import binascii
 import io
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import Request
+from numpy.lib import format as npy_format
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from aecore.preprocessing import ImageDecodeError, ImageTooLargeError
 from service import errors
@@ -56,17 +59,26 @@ async def parse_body(request: Request, max_images: int, accept_latents: bool) ->
     """Dispatch on Content-Type: multipart images, JSON images/latents, or a .npy latent array."""
     kind = media_type(request)
     if kind == "multipart/form-data":
-        form = await request.form(max_files=max_images + 1, max_fields=32)
-        uploads = [v for v in form.getlist("images") if isinstance(v, UploadFile)]
-        strings = [v for v in form.getlist("images") if isinstance(v, str)]
-        if strings:
-            raise errors.InvalidRequest(
-                "multipart `images` must be file fields (curl -F images=@a.jpg)"
-            )
-        _check_count(len(uploads), max_images)
-        images = [await u.read() for u in uploads]
-        fields = {k: v for k, v in form.items() if k != "images"}
-        await form.close()
+        try:
+            form = await request.form(max_files=max_images + 1, max_fields=32)
+        except HTTPException as exc:  # starlette's 400 for a malformed or oversized form
+            if str(exc.detail).startswith("Too many files"):
+                raise errors.TooManyImages(
+                    f"more than {max_images} images in one request; the limit is {max_images}"
+                ) from None
+            raise
+        try:
+            uploads = [v for v in form.getlist("images") if isinstance(v, UploadFile)]
+            strings = [v for v in form.getlist("images") if isinstance(v, str)]
+            if strings:
+                raise errors.InvalidRequest(
+                    "multipart `images` must be file fields (curl -F images=@a.jpg)"
+                )
+            _check_count(len(uploads), max_images)
+            images = [await u.read() for u in uploads]
+            fields = {k: v for k, v in form.items() if k != "images"}
+        finally:
+            await form.close()  # the spooled upload files, on every path
         return Parsed(images or None, None, fields, form=True)
     if kind == "application/json":
         payload = await read_json(request)
@@ -144,13 +156,29 @@ def validate_latents(array: np.ndarray, latent_dim: int | None = None) -> np.nda
     return array
 
 
+_NPY_HEADERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+
+
 def _npy(body: bytes) -> np.ndarray:
+    buf = io.BytesIO(body)
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
+        # The header first: numpy allocates whatever shape it declares before reading the data,
+        # so a 100-byte body declaring 10^12 floats must be refused here, not by a MemoryError.
+        version = npy_format.read_magic(buf)
+        if version not in _NPY_HEADERS:
+            raise ValueError(f".npy format version {version} is not supported; use 1.0 or 2.0")
+        shape, _, dtype = _NPY_HEADERS[version](buf)
+        if dtype.kind not in "iuf":
+            raise errors.InvalidLatents(f".npy latents must be numeric, got dtype {dtype}")
+        declared, present = math.prod(shape) * dtype.itemsize, len(body) - buf.tell()
+        if declared != present:
+            raise ValueError(
+                f"its header declares {declared} bytes of data, the body has {present}"
+            )
+        buf.seek(0)
+        array = np.load(buf, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise errors.InvalidLatents(f"the body is not a valid .npy array: {exc}") from None
-    if array.dtype.kind not in "iuf":
-        raise errors.InvalidLatents(f".npy latents must be numeric, got dtype {array.dtype}")
     return validate_latents(array)
 
 

@@ -76,6 +76,12 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+# The errors of the non-inference routes that need the key and the loaded model.
+KEYED_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or wrong X-API-Key"},
+    503: {"model": ErrorBody, "description": "not loaded yet, or shutting down (see Retry-After)"},
+}
+
 NPY_SCHEMA = {"type": "string", "format": "binary", "description": ".npy float32 array"}
 
 

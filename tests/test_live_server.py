@@ -52,7 +52,9 @@ def live_server():
 def test_curl_style_multipart_encode_and_clean_shutdown(live_server, scene_paths):
     base, proc = live_server
     with open(scene_paths[0], "rb") as fh:
-        reply = httpx.post(f"{base}/encode", files={"images": (scene_paths[0].name, fh)}, timeout=30)
+        reply = httpx.post(
+            f"{base}/encode", files={"images": (scene_paths[0].name, fh)}, timeout=30
+        )
     assert reply.status_code == 200
     latents = reply.json()["latents"]
     assert len(latents) == 1 and len(latents[0]) == 1024

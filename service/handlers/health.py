@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.dependencies import RuntimeDep, require_api_key, require_metrics_key
 from service.errors import error_response
 from service.responses import FastJSON
 from service.runtime import Runtime
+from service.schemas import KEYED_ERRORS
 
 router = APIRouter(tags=["operations"])
 
@@ -18,7 +20,11 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up")
+@router.get(
+    "/readyz",
+    summary="Readiness: 200 once the model is loaded and warmed up",
+    responses={503: KEYED_ERRORS[503]},
+)
 async def readyz(request: Request):
     runtime: Runtime | None = request.app.state.runtime
     if runtime is None or not runtime.ready:
@@ -31,12 +37,19 @@ async def readyz(request: Request):
     "/model",
     summary="The manifest, the execution providers in use and the batching settings",
     dependencies=[Depends(require_api_key)],
+    responses=KEYED_ERRORS,
 )
 async def model_card(runtime: RuntimeDep):
     return FastJSON({**runtime.model.describe(), "batching": runtime.batching()})
 
 
-@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(require_metrics_key)])
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    dependencies=[Depends(require_metrics_key)],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: KEYED_ERRORS[401]},
+)
 async def metrics(request: Request) -> Response:
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST

@@ -76,10 +76,12 @@ def _steps(value: Any, form: bool) -> int | None:
     if value is None:
         return None
     if form and isinstance(value, str):
-        value = value.strip()
-        if not value.lstrip("-").isdigit():
-            raise errors.InvalidParameter(f"`steps` must be a whole number, got {value!r}")
-        value = int(value)
+        try:
+            value = int(value.strip(), 10) if value.strip().isascii() else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise errors.InvalidParameter("`steps` must be a whole number") from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise errors.InvalidParameter(f"`steps` must be a whole number, got {value!r}")
     if value < 0:

@@ -1,0 +1,99 @@
+"""The demo page (GET /, its static assets) and the model's report figures, read-only.
+
+The page and its assets are public: they hold no data, and the page must load to ask for the
+API key. The report figures are model data, so they need the key like GET /model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+
+from service.dependencies import RuntimeDep, require_api_key
+from service.errors import NotFound
+from service.schemas import KEYED_ERRORS, ErrorBody
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+_ASSET_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
+_FIGURE_TYPES = {".png": "image/png"}
+_NO_CACHE = {"Cache-Control": "no-cache"}  # revalidate: a redeploy shows the new page
+
+router = APIRouter(tags=["operations"])
+
+
+class ReportFigures(BaseModel):
+    figures: list[str]
+
+
+def _listed(folder: Path, name: str, types: dict[str, str]) -> Path:
+    """`folder/name` when it is a file of an allowed type right inside `folder`, else 404.
+
+    The name is matched against the folder's own listing, so `..`, slashes, encoded separators
+    and symlinks leading out of the folder never reach the filesystem.
+    """
+    root = folder.resolve()
+    if root.is_dir():
+        for path in root.iterdir():
+            if (
+                path.name == name
+                and path.suffix.lower() in types
+                and path.is_file()
+                and path.resolve().parent == root
+            ):
+                return path
+    raise NotFound(f"no such file: {name!r}")
+
+
+def _figures(folder: Path) -> list[str]:
+    root = folder.resolve()
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.suffix.lower() in _FIGURE_TYPES and p.is_file() and p.resolve().parent == root
+    )
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers=_NO_CACHE)
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def asset(name: str) -> FileResponse:
+    path = _listed(STATIC, name, _ASSET_TYPES)
+    return FileResponse(path, media_type=_ASSET_TYPES[path.suffix.lower()], headers=_NO_CACHE)
+
+
+@router.get(
+    "/model/report",
+    summary="The names of the model's report figures",
+    response_model=ReportFigures,
+    responses=KEYED_ERRORS,
+    dependencies=[Depends(require_api_key)],
+)
+async def report_figures(runtime: RuntimeDep) -> ReportFigures:
+    return ReportFigures(figures=_figures(runtime.model.folder / "report"))
+
+
+@router.get(
+    "/model/report/{name}",
+    summary="One report figure (PNG) of the model in use",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the figure",
+        },
+        404: {"model": ErrorBody, "description": "no PNG of that name in the report folder"},
+        **KEYED_ERRORS,
+    },
+    dependencies=[Depends(require_api_key)],
+)
+async def report_figure(name: str, runtime: RuntimeDep) -> FileResponse:
+    path = _listed(runtime.model.folder / "report", name, _FIGURE_TYPES)
+    return FileResponse(path, media_type="image/png")
