@@ -25,15 +25,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_service(ready_timeout_s: float = 90, **env: str) -> Iterator[str]:
-    """Start the server with `AE_*` overrides in `env`; yield its base URL; stop it after.
+def live_service(ready_timeout_s: float = 90, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start the server with `AE_*` overrides in `env`; yield (base URL, process); stop it after.
 
-    The default model, and no API key unless `AE_API_KEY` is given (one from the caller's
-    environment would change what the tests see). The log goes to a file, not a pipe, so a
-    long test cannot fill a pipe buffer and stall the server; it is shown when start-up fails.
+    The default model and only the given `AE_*` settings (the caller's environment would change
+    what the tests see). The log goes to a file, not a pipe, so a long test cannot fill a pipe
+    buffer and stall the server; it is shown when start-up fails, and readable as `proc.log`.
     """
     port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if k != "AE_API_KEY"}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
     full_env.update({"AE_MODEL_DIR": str(DEFAULT_MODEL_DIR), **env})
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
@@ -41,6 +41,7 @@ def live_service(ready_timeout_s: float = 90, **env: str) -> Iterator[str]:
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        proc.log = log
 
         def output() -> str:
             log.flush()
@@ -60,7 +61,7 @@ def live_service(ready_timeout_s: float = 90, **env: str) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     pytest.fail(f"the server was not ready in {ready_timeout_s:g} s:\n{output()}")
                 time.sleep(0.2)
-            yield base
+            yield base, proc
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

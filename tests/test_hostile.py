@@ -17,9 +17,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -34,7 +31,7 @@ import pytest_asyncio
 from PIL import Image
 
 from aecore.preprocessing import declared_pixels, decode_rgb
-from tests.conftest import DEFAULT_MODEL_DIR, REPO
+from tests.live import live_service
 from tests.service_client import b64, metric, multipart, running
 
 # The async tests share one event loop, so the module's apps (and the model) load once.
@@ -806,39 +803,6 @@ async def test_sigterm_turns_readiness_off_at_once_and_in_flight_requests_comple
 # ------------------------------------------------------------------ a live uvicorn
 
 
-@contextmanager
-def live_server(**env: str):
-    """`python -m service` on 127.0.0.1 with AE_* overrides; yields (base URL, process)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
-    full_env.update({"AE_MODEL_DIR": str(DEFAULT_MODEL_DIR), **env})
-    base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        proc.log = log
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                assert proc.poll() is None, f"server exited: {log.seek(0) or log.read()[-3000:]}"
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "server not ready in 90 s"
-                time.sleep(0.2)
-            yield base, proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -875,7 +839,7 @@ def raw_exchange(base: str, head: bytes, chunks, pause_s: float = 0.0) -> tuple[
 
 @pytest.fixture(scope="module")
 def live():
-    with live_server(AE_MAX_BODY_BYTES=str(1024 * 1024)) as (base, proc):
+    with live_service(AE_MAX_BODY_BYTES=str(1024 * 1024)) as (base, proc):
         yield base, proc
 
 
@@ -953,7 +917,7 @@ def test_live_memory_stays_flat_under_hostile_input(live, photo):
 
 def test_live_sigterm_drains_in_flight_requests_and_refuses_new_ones(photo):
     # The batcher waits up to 4 s for more rows, so one request is in flight for ~4 s.
-    with live_server(AE_MAX_QUEUE_DELAY_MS="4000") as (base, proc):
+    with live_service(AE_MAX_QUEUE_DELAY_MS="4000") as (base, proc):
         result: dict = {}
 
         def call() -> None:

@@ -80,13 +80,16 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(browser):
-    with live_service(AE_MAX_QUEUE_DELAY_MS="5", AE_MAX_INTERPOLATION_STEPS=str(MAX_STEPS)) as base:
+    with live_service(AE_MAX_QUEUE_DELAY_MS="5", AE_MAX_INTERPOLATION_STEPS=str(MAX_STEPS)) as (
+        base,
+        _,
+    ):
         yield base
 
 
 @pytest.fixture(scope="module")
 def keyed_server(browser):
-    with live_service(AE_MAX_QUEUE_DELAY_MS="5", AE_API_KEY=KEY) as base:
+    with live_service(AE_MAX_QUEUE_DELAY_MS="5", AE_API_KEY=KEY) as (base, _):
         yield base
 
 
