@@ -181,6 +181,17 @@ def test_train_resume_export_gives_a_valid_model_folder(tmp_path):
         z = encoder.run(None, {"image": np.zeros((batch, 128, 128, 3), np.float32)})[0]
         assert z.shape == (batch, 1024)
         assert decoder.run(None, {"latent": z})[0].shape == (batch, 128, 128, 3)
+    recalibrated = subprocess.run(
+        [sys.executable, "-m", "training", "evaluate-anomaly", "--model", str(folder),
+         "--run", str(run), "--target-fpr", "0.05", "--scorer", "local"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert recalibrated.returncode == 0, recalibrated.stderr
+    assert "| combined |" in recalibrated.stdout  # the AUROC table
+    block = manifest.read(folder)["anomaly"]
+    assert block["scorer"] == "local" and block["target_fpr"] == 0.05
+    assert block["threshold"] == block["scorers"]["local"]["threshold"]
+
     again = export(run, tmp_path / "models", "fixture", baseline_run=run)  # with the comparison
     assert again.name == "2"  # the next free version
     comparison = manifest.read(again)["metrics"]["comparison"]

@@ -134,7 +134,9 @@ def fit_gaussians(folder: Path, train_images: np.ndarray) -> Path:
     arrays = {}
     for name, chunks in features.items():
         fit = LedoitWolf().fit(np.concatenate(chunks).astype(np.float64))
-        arrays[f"{name}_mean"], arrays[f"{name}_precision"] = fit.location_, fit.precision_
+        # float32 halves the file; the distances are accumulated in float64 at scoring time.
+        arrays[f"{name}_mean"] = fit.location_.astype(np.float32)
+        arrays[f"{name}_precision"] = fit.precision_.astype(np.float32)
     path = folder / anomaly.GAUSSIAN_FILE
     np.savez(path, **arrays)
     return path
@@ -154,6 +156,8 @@ def calibrate_and_evaluate(
     """
     from aecore.manifest import sha256_file
 
+    if default not in (*BASE_SCORERS, "combined"):
+        raise ValueError(f"unknown scorer {default!r}; choose from {[*BASE_SCORERS, 'combined']}")
     spec = ImageSpec(*val.images.shape[1:3])
     gaussians = fit_gaussians(folder, train.images)
     calib_idx, eval_idx = stratified_split(val.labels, 0.5, seed)

@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--report-dir", help="write figures and report.md here")
     v.add_argument("--limit", type=int)
 
+    a = sub.add_parser(
+        "evaluate-anomaly",
+        help="recalibrate a model's anomaly scorers and write their AUROC table to its report",
+    )
+    a.add_argument("--model", required=True, help="model folder, e.g. models/intel-scenes/1")
+    a.add_argument("--run", required=True, help="its training run (for the train/val split)")
+    a.add_argument("--target-fpr", type=float, default=0.01)
+    a.add_argument("--scorer", default="combined", help="the default scorer to record")
+
     s = sub.add_parser("summary", help="print the Keras summaries of an architecture")
     s.add_argument("--arch", default="seed")
     s.add_argument("--latent-dim", type=int, default=1024)
@@ -121,6 +130,23 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _evaluate_anomaly(args) -> int:
+    from aecore import manifest
+    from training.anomaly import calibrate_and_evaluate
+    from training.train import TrainConfig, load_split
+
+    folder = Path(args.model)
+    body = manifest.read(folder)
+    config = TrainConfig(**json.loads((Path(args.run) / "config.json").read_text()))
+    train, val = load_split(config)
+    body["anomaly"] = calibrate_and_evaluate(
+        folder, train, val, args.target_fpr, config.seed, args.scorer
+    )
+    manifest.write(folder, body)
+    print((folder / "report" / "anomaly.md").read_text())
+    return 0
+
+
 def _summary(args) -> int:
     from training.architectures import build
 
@@ -132,4 +158,10 @@ def _summary(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "export": _export, "evaluate": _evaluate, "summary": _summary}
+COMMANDS = {
+    "train": _train,
+    "export": _export,
+    "evaluate": _evaluate,
+    "evaluate-anomaly": _evaluate_anomaly,
+    "summary": _summary,
+}

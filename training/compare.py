@@ -7,31 +7,15 @@ to a temporary folder; its validation MSE comes from a seed training run on the 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from aecore.graphs import default_threads, open_session
+from aecore.graphs import open_session
+from aecore.machine import machine
 from training.train import TrainConfig, read_history
-
-
-def machine() -> dict:
-    import onnxruntime as ort
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(
-                line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": default_threads(), "onnxruntime": ort.__version__,
-            "providers": ["CPUExecutionProvider"]}  # fmt: skip
 
 
 def reconstruct_img_s(
@@ -87,7 +71,7 @@ def compare(folder: Path, run_dir: Path, baseline_run: Path | None, batch: int =
         ours = reconstruct_img_s(folder, shape, batch)
         seed = reconstruct_img_s(seed_folder, shape, batch)
     result = {
-        "machine": {**machine(), "host": os.uname().nodename},
+        "machine": machine(),
         "batch": batch,
         "reconstruct_img_s": {config.arch: round(ours, 1), "seed": round(seed, 1)},
         "speedup_vs_seed": round(ours / seed, 2),

@@ -133,7 +133,7 @@ def comparison_table(c: dict) -> list[str]:
     lines = [
         "## Against the reference architecture",
         "",
-        f"Measured in one run on {m['cpu']} ({m['cores']} cores), onnxruntime {m['onnxruntime']}, "
+        f"Measured in one run on {m['cpu']} ({m['usable_cores']} cores), onnxruntime {m['onnxruntime']}, "
         f"CPU provider, batch {c['batch']}. Speed-up: **{c['speedup_vs_seed']}x**.",
         "",
         "| | " + " | ".join(archs) + " |",
