@@ -26,7 +26,8 @@ class Settings(BaseSettings):
 
     # Dynamic batching, one queue per graph.
     max_batch_size: int = Field(default=32, gt=0)
-    max_queue_delay_ms: float = Field(default=5.0, ge=0)
+    # 0: a batch is whatever queued while the previous one ran; no request waits for company.
+    max_queue_delay_ms: float = Field(default=0.0, ge=0)
     max_queue_size: int = Field(default=512, gt=0)  # images waiting per graph before 503
     queue_timeout_s: float = Field(default=30.0, gt=0)  # a request waiting longer gets 503
     retry_after_s: int = Field(default=1, ge=0)
