@@ -77,14 +77,14 @@ def run_graphs(folder: Path, images: np.ndarray, batch_size: int = 32):
 
 
 def mse_metrics(images: np.ndarray, outputs: np.ndarray, data: ImageSet) -> dict:
-    """Mean and per-class reconstruction MSE, plus the per-image scores."""
+    """Mean and per-class reconstruction MSE."""
     per_image = np.concatenate(
         [
             anomaly.per_image_mse(to_float(images[i : i + 64]), outputs[i : i + 64])
             for i in range(0, len(images), 64)
         ]
     )
-    result = {"val_mse": float(per_image.mean()), "per_image": per_image}
+    result = {"val_mse": float(per_image.mean())}
     if data.has_classes:
         result["val_mse_per_class"] = {
             name: float(per_image[data.labels == k].mean())
