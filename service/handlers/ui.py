@@ -28,34 +28,28 @@ class ReportFigures(BaseModel):
     figures: list[str]
 
 
+def _files(folder: Path, types: dict[str, str]) -> dict[str, Path]:
+    """The files of an allowed type right inside `folder`, by name (symlinks out excluded)."""
+    root = folder.resolve()
+    if not root.is_dir():
+        return {}
+    return {
+        p.name: p
+        for p in sorted(root.iterdir())
+        if p.suffix.lower() in types and p.is_file() and p.resolve().parent == root
+    }
+
+
 def _listed(folder: Path, name: str, types: dict[str, str]) -> Path:
-    """`folder/name` when it is a file of an allowed type right inside `folder`, else 404.
+    """`folder/name` when it is one of `_files(folder, types)`, else 404.
 
     The name is matched against the folder's own listing, so `..`, slashes, encoded separators
     and symlinks leading out of the folder never reach the filesystem.
     """
-    root = folder.resolve()
-    if root.is_dir():
-        for path in root.iterdir():
-            if (
-                path.name == name
-                and path.suffix.lower() in types
-                and path.is_file()
-                and path.resolve().parent == root
-            ):
-                return path
-    raise NotFound(f"no such file: {name!r}")
-
-
-def _figures(folder: Path) -> list[str]:
-    root = folder.resolve()
-    if not root.is_dir():
-        return []
-    return sorted(
-        p.name
-        for p in root.iterdir()
-        if p.suffix.lower() in _FIGURE_TYPES and p.is_file() and p.resolve().parent == root
-    )
+    path = _files(folder, types).get(name)
+    if path is None:
+        raise NotFound(f"no such file: {name!r}")
+    return path
 
 
 @router.get("/", include_in_schema=False)
@@ -77,7 +71,7 @@ async def asset(name: str) -> FileResponse:
     dependencies=[Depends(require_api_key)],
 )
 async def report_figures(runtime: RuntimeDep) -> ReportFigures:
-    return ReportFigures(figures=_figures(runtime.model.folder / "report"))
+    return ReportFigures(figures=list(_files(runtime.model.folder / "report", _FIGURE_TYPES)))
 
 
 @router.get(
