@@ -1,8 +1,14 @@
-"""onnxruntime sessions for the encoder and decoder graphs (used by training and serving)."""
+"""onnxruntime sessions for the encoder and decoder graphs (used by training and serving).
+
+Every session of the project is opened here, so this is also where onnxruntime's usage
+telemetry is switched off: onnxruntime >= 1.31 reports usage events unless told not to, and a
+self-hosted service must contact no one its operator did not configure.
+"""
 
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,6 +16,19 @@ import numpy as np
 
 if TYPE_CHECKING:  # onnxruntime is in both the `serve` and `train` extras, not in the core
     import onnxruntime as ort
+
+# Child processes (uvicorn workers, Ray actors) inherit the switch before they import onnxruntime.
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
+
+@cache
+def telemetry_off() -> None:
+    """Switch onnxruntime's telemetry events off for this process (idempotent)."""
+    import onnxruntime as ort
+
+    disable = getattr(ort, "disable_telemetry_events", None)
+    if disable is not None:  # present in every build that has telemetry
+        disable()
 
 
 def default_threads() -> int:
@@ -26,6 +45,7 @@ def open_session(
     """An InferenceSession with full graph optimisation; providers default to CPU."""
     import onnxruntime as ort
 
+    telemetry_off()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra_op_threads or default_threads()
@@ -47,4 +67,7 @@ def run_batched(
         session.run(None, {name: np.ascontiguousarray(array[i : i + batch_size], np.float32)})[0]
         for i in range(0, len(array), batch_size)
     ]
-    return np.concatenate(chunks) if chunks else np.empty((0,), np.float32)
+    if chunks:
+        return np.concatenate(chunks)
+    tail = [d if isinstance(d, int) else 0 for d in session.get_outputs()[0].shape[1:]]
+    return np.empty((0, *tail), np.float32)
