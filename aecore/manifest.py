@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,39 +47,92 @@ def resolve(model_dir: Path, name: str, version: int | None = None) -> Path:
     return root / str(version)
 
 
+# What a manifest without `tasks` (every version before tasks existed) serves.
+AUTOENCODER_TASKS = ("encode", "decode", "reconstruct", "anomaly-score", "interpolate")
+
+
+def tasks(body: dict[str, Any]) -> list[str]:
+    """The endpoints a model serves, e.g. ["denoise"]; old manifests serve the autoencoder's."""
+    return list(body.get("tasks", AUTOENCODER_TASKS))
+
+
+def graph_files(body: dict[str, Any]) -> dict[str, str]:
+    """Every file the manifest lists, by part (`encoder`, `decoder`, `denoiser`, ...)."""
+    return {part: name for part, name in body["files"].items() if part != "sha256"}
+
+
 def read(folder: Path, verify: bool = True) -> dict[str, Any]:
-    """Load `model.json`; with `verify`, check that the graph files exist and match their sha256."""
+    """Load `model.json`; with `verify`, check that every listed file exists and matches its sha256."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ModelFolderError(f"{path} not found")
-    manifest = json.loads(path.read_text())
-    for key in ("name", "version", "latent_dim", "input", "files", "anomaly"):
-        if key not in manifest:
+    try:
+        body = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{path} is not valid JSON: {exc}") from None
+    required = ["name", "version", "input", "files"]
+    if set(tasks(body)) & set(AUTOENCODER_TASKS):
+        required += ["latent_dim", "anomaly"]
+    for key in required:
+        if key not in body:
             raise ModelFolderError(f"{path} lacks {key!r}")
-    if verify:
-        files = manifest["files"]
+    if set(tasks(body)) & set(AUTOENCODER_TASKS):
         for part in ("encoder", "decoder"):
-            graph = Path(folder) / files[part]
-            if not graph.is_file():
-                raise ModelFolderError(f"{graph} not found")
-            expected = files.get("sha256", {}).get(part)
-            actual = sha256_file(graph)
+            if part not in body["files"]:
+                raise ModelFolderError(f"{path} lists no {part} file")
+    if verify:
+        hashes = body["files"].get("sha256", {})
+        for part, name in graph_files(body).items():
+            file = Path(folder) / name
+            if not file.is_file():
+                raise ModelFolderError(f"{file} not found")
+            expected, actual = hashes.get(part), sha256_file(file)
             if actual != expected:
                 raise ModelFolderError(
-                    f"{graph} has sha256 {actual[:12]}..., the manifest says {str(expected)[:12]}...;"
+                    f"{file} has sha256 {actual[:12]}..., the manifest says {str(expected)[:12]}...;"
                     " re-export the model or fix model.json"
                 )
-    return manifest
+    return body
 
 
-def file_entries(folder: Path) -> dict[str, Any]:
-    """The manifest's `files` block for the graphs now in `folder`."""
-    names = {part: f"{part}.onnx" for part in ("encoder", "decoder")}
+def file_entries(folder: Path, parts: dict[str, str] | None = None) -> dict[str, Any]:
+    """The manifest's `files` block for `parts` (default: the encoder and decoder graphs)."""
+    names = parts or {part: f"{part}.onnx" for part in ("encoder", "decoder")}
     hashes = {part: sha256_file(Path(folder) / name) for part, name in names.items()}
     return {**names, "sha256": hashes}
 
 
-def write(folder: Path, manifest: dict[str, Any]) -> Path:
+def write(folder: Path, body: dict[str, Any]) -> Path:
+    """Write `model.json` atomically (a reader sees the old file or the new one, never half)."""
     path = Path(folder) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    partial = path.with_name(f".{MANIFEST}.partial")
+    partial.write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
+    partial.replace(path)
     return path
+
+
+def next_version(model_root: Path) -> int:
+    existing = versions(model_root)
+    return existing[-1] + 1 if existing else 1
+
+
+def staging_folder(model_root: Path, version: int) -> Path:
+    """A hidden `.N.partial` folder beside the versions; servers never load such a name."""
+    staging = Path(model_root) / f".{version}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, model_root: Path, version: int) -> Path:
+    """Publish a complete staging folder as `model_root/version` by one rename.
+
+    A version, once published, never changes: a later change is published as a new version.
+    """
+    folder = Path(model_root) / str(version)
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists; a published version never changes")
+    read(staging, verify=True)  # never publish a folder that would not load
+    Path(staging).rename(folder)
+    return folder
