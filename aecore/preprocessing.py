@@ -8,15 +8,11 @@ Importing this module never pulls in TensorFlow or onnxruntime.
 from __future__ import annotations
 
 import io
-import os
 import re
 import struct
 from dataclasses import dataclass
 
-# OpenCV's own guard against decompression bombs; must be set before cv2 is imported.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 26))
-
-import cv2
+import cv2  # OpenCV's own pixel guard is set in aecore/__init__.py, before any cv2 import
 import imagesize
 import numpy as np
 
