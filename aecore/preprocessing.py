@@ -202,8 +202,9 @@ def load_image(data: bytes, spec: ImageSpec, max_pixels: int | None = None) -> n
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Decoder output in [0, 1] -> uint8, rounded and clipped."""
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    """Decoder output in [0, 1] -> uint8, rounded and clipped (NaN, from latents far outside
+    anything the encoder produces, becomes 0)."""
+    return np.clip(np.rint(np.nan_to_num(image * 255.0)), 0, 255).astype(np.uint8)
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors
+from service import errors, openapi
 from service.handlers import anomaly, decode, encode, health, interpolate, reconstruct, ui
 from service.limits import Admission, BodySizeLimit
 from service.metrics import Metrics
@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.runtime = None
     errors.install(app)
+    openapi.install(app, settings)
     for module in (encode, decode, reconstruct, anomaly, interpolate, health, ui):
         app.include_router(module.router)
     # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE),

@@ -96,6 +96,9 @@ async def _form(request: Request, max_images: int) -> Parsed:
 
 async def _json(request: Request, max_images: int, accept_latents: bool) -> Parsed:
     payload = await read_json(request)
+    for key in ("images", "latents"):
+        if key in payload and payload[key] is None:  # the document has no null; nor do we
+            raise errors.InvalidRequest(f"`{key}` is null; leave it out or send a list")
     images = payload.get("images")
     if images is not None:
         if not isinstance(images, list) or not all(isinstance(s, str) for s in images):

@@ -327,3 +327,12 @@ def test_opencv_pixel_guard_is_on_whatever_imports_cv2_first(tmp_path, imports):
         env={**env, "OPENCV_IO_MAX_IMAGE_PIXELS": str(10**8)},
     )  # fmt: skip
     assert wider.stdout.strip() == "decoded", wider.stderr[-2000:]  # an operator's value wins
+
+
+@module_loop
+async def test_an_empty_form_field_is_absent_as_browsers_send_it(client, scene_bytes):
+    reply = await client.post(
+        "/interpolate", files=multipart(scene_bytes[:2]), data={"steps": "1", "weights": ""}
+    )
+    assert reply.status_code == 200, reply.text[:300]
+    assert len(reply.json()["images"]) == 3

@@ -40,8 +40,8 @@ async def interpolate(request: Request, runtime: RuntimeDep):
     parsed = await parse_body(request, settings.max_images_per_request, accept_latents=True)
     if (parsed.images is None) == (parsed.latents is None):
         raise errors.InvalidRequest("send either `images` or `latents` (one of them)")
-    steps = _steps(parsed.fields.get("steps"), parsed.form)
-    weights = _weights(parsed.fields.get("weights"), parsed.form)
+    steps = _steps(_present(parsed.fields, "steps", parsed.form), parsed.form)
+    weights = _weights(_present(parsed.fields, "weights", parsed.form), parsed.form)
     if (steps is None) == (weights is None):
         raise errors.InvalidParameter("give either `steps` (a path) or `weights` (an average)")
 
@@ -78,6 +78,17 @@ async def interpolate(request: Request, runtime: RuntimeDep):
         return FastJSON(
             {"model": model_ref(runtime), "images": await runtime.pngs(images), "latents": path}
         )
+
+
+def _present(fields: dict[str, Any], name: str, form: bool) -> Any:
+    """A parameter's value, None when absent; an empty form field counts as absent (browsers
+    send every input of a form), an explicit JSON null as a wrong type."""
+    value = fields.get(name)
+    if form and isinstance(value, str) and not value.strip():
+        return None
+    if not form and name in fields and value is None:
+        raise errors.InvalidParameter(f"`{name}` is null; leave it out or give a value")
+    return value
 
 
 def _steps(value: Any, form: bool) -> int | None:
