@@ -16,6 +16,7 @@ from service import errors, openapi
 from service.handlers import anomaly, decode, encode, health, interpolate, reconstruct, ui
 from service.limits import Admission, BodySizeLimit
 from service.metrics import Metrics
+from service.request_id import RequestId
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
 
@@ -122,4 +123,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestId)  # outermost: every log line of the request carries its id
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -92,6 +93,15 @@ class Runtime:
             yield
         finally:
             self.images_in_flight -= images
+
+    @contextmanager
+    def phase(self, name: str, endpoint: str) -> Iterator[None]:
+        """Time a request's `preprocess` or `postprocess` phase into its histogram."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.phases[name].labels(endpoint).observe(time.perf_counter() - started)
 
     async def close(self) -> None:
         """Stop taking work, finish what is queued, release threads."""

@@ -412,3 +412,16 @@ async def test_openapi_documents_every_endpoint():
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     validate(spec)  # a valid OpenAPI document, as client generators and gateways read it
+
+
+async def test_each_phase_is_timed_per_endpoint(scene_bytes):
+    async with running() as client:
+        await client.post("/encode", files=multipart(scene_bytes[:2]))
+        await client.post("/reconstruct", json={"images": [b64(scene_bytes[0])]})
+        text = (await client.get("/metrics")).text
+    for endpoint in ("encode", "reconstruct"):
+        for phase in ("preprocess", "postprocess"):
+            assert metric(text, f"ae_{phase}_seconds_count", endpoint=endpoint) == 1, (
+                phase,
+                endpoint,
+            )

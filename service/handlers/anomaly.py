@@ -41,7 +41,8 @@ async def anomaly_score(
         raise errors.InvalidParameter(f"unknown scorer {name!r}; this model has {scorers.names}")
     blobs = await request_blobs(request, runtime)
     with runtime.admit(len(blobs)):
-        images = await runtime.images(blobs)
+        with runtime.phase("preprocess", "anomaly-score"):
+            images = await runtime.images(blobs)
         latents = await runtime.encode(images)
         outputs = await runtime.decode(latents)
         loop = asyncio.get_running_loop()
@@ -54,16 +55,17 @@ async def anomaly_score(
             for s, m in zip(scores, mse, strict=True)
         ]
         if heatmap:
-            maps = await asyncio.gather(
-                *(
-                    loop.run_in_executor(
-                        runtime.pool, error_heatmap, x, y, scorers.heatmap_scale, scorers.sigma
+            with runtime.phase("postprocess", "anomaly-score"):
+                maps = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            runtime.pool, error_heatmap, x, y, scorers.heatmap_scale, scorers.sigma
+                        )
+                        for x, y in zip(images, outputs, strict=True)
                     )
-                    for x, y in zip(images, outputs, strict=True)
                 )
-            )
-            for result, png in zip(results, await runtime.pngs(maps), strict=True):
-                result["heatmap"] = png
+                for result, png in zip(results, await runtime.pngs(maps), strict=True):
+                    result["heatmap"] = png
     runtime.count("anomaly-score", len(results))
     return FastJSON(
         {"model": model_ref(runtime), "threshold": threshold, "scorer": name, "results": results}

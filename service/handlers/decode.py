@@ -37,6 +37,7 @@ async def decode(request: Request, runtime: RuntimeDep):
     with runtime.admit(len(latents)):
         images = await runtime.decode(latents)
         runtime.count("decode", len(images))
-        if wants_npy(request):
-            return npy_response(images)
-        return FastJSON({"model": model_ref(runtime), "images": await runtime.pngs(images)})
+        with runtime.phase("postprocess", "decode"):
+            if wants_npy(request):
+                return npy_response(images)
+            return FastJSON({"model": model_ref(runtime), "images": await runtime.pngs(images)})

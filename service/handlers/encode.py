@@ -25,8 +25,11 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 async def encode(request: Request, runtime: RuntimeDep):
     blobs = await request_blobs(request, runtime)
     with runtime.admit(len(blobs)):
-        latents = await runtime.encode(await runtime.images(blobs))
+        with runtime.phase("preprocess", "encode"):
+            images = await runtime.images(blobs)
+        latents = await runtime.encode(images)
         runtime.count("encode", len(latents))
-        if wants_npy(request):
-            return npy_response(latents)
-        return FastJSON({"model": model_ref(runtime), "latents": latents})
+        with runtime.phase("postprocess", "encode"):
+            if wants_npy(request):
+                return npy_response(latents)
+            return FastJSON({"model": model_ref(runtime), "latents": latents})

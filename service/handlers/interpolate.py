@@ -65,7 +65,9 @@ async def interpolate(request: Request, runtime: RuntimeDep):
     # Every parameter is checked: only now are images decoded and encoded.
     with runtime.admit(inputs + outputs):
         if parsed.images is not None:
-            latents = await runtime.encode(await runtime.images(parsed.images))
+            with runtime.phase("preprocess", "interpolate"):
+                images = await runtime.images(parsed.images)
+            latents = await runtime.encode(images)
         else:
             latents = validate_latents(parsed.latents, runtime.model.latent_dim)
         if steps is not None:
@@ -75,9 +77,10 @@ async def interpolate(request: Request, runtime: RuntimeDep):
             path = (np.asarray(weights, np.float32)[:, None] * latents).sum(axis=0, keepdims=True)
         images = await runtime.decode(path.astype(np.float32))
         runtime.count("interpolate", len(images))
-        return FastJSON(
-            {"model": model_ref(runtime), "images": await runtime.pngs(images), "latents": path}
-        )
+        with runtime.phase("postprocess", "interpolate"):
+            return FastJSON(
+                {"model": model_ref(runtime), "images": await runtime.pngs(images), "latents": path}
+            )
 
 
 def _present(fields: dict[str, Any], name: str, form: bool) -> Any:

@@ -25,13 +25,15 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 async def reconstruct(request: Request, runtime: RuntimeDep):
     blobs = await request_blobs(request, runtime)
     with runtime.admit(len(blobs)):
-        images = await runtime.images(blobs)
+        with runtime.phase("preprocess", "reconstruct"):
+            images = await runtime.images(blobs)
         outputs = await runtime.reconstruct(images)
         runtime.count("reconstruct", len(outputs))
-        return FastJSON(
-            {
-                "model": model_ref(runtime),
-                "images": await runtime.pngs(outputs),
-                "mse": per_image_mse(images, outputs),
-            }
-        )
+        with runtime.phase("postprocess", "reconstruct"):
+            return FastJSON(
+                {
+                    "model": model_ref(runtime),
+                    "images": await runtime.pngs(outputs),
+                    "mse": per_image_mse(images, outputs),
+                }
+            )
