@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             restore_signals()
             await runtime.close()
+            metrics.worker_exited()
 
     app = FastAPI(
         title="Convolutional autoencoder service",

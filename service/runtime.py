@@ -43,8 +43,9 @@ class Runtime:
         """Load and check the model folder, warm both graphs up, start the batchers."""
         s = self.settings
         folder = manifest.resolve(s.model_dir, s.model_name, s.model_version)
+        threads = s.intra_op_threads or max(1, default_threads() // s.workers)
         model = await asyncio.to_thread(
-            AutoencoderModel, folder, s.providers, s.require_gpu, s.intra_op_threads
+            AutoencoderModel, folder, s.providers, s.require_gpu, threads
         )
         seconds = await asyncio.to_thread(model.warm_up, (1, s.max_batch_size))
         log.info(

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None  # when set, inference and /model need X-API-Key
     protect_metrics: bool = False  # also require the key on /metrics
 
+    # Worker processes sharing the port, each with its own sessions and batchers; onnxruntime's
+    # threads are then divided among them unless AE_INTRA_OP_THREADS is set.
+    workers: int = Field(default=1, gt=0)
+
     host: str = "0.0.0.0"
     port: int = 8000
     log_level: str = "info"
