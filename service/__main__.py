@@ -10,6 +10,23 @@ import uvicorn
 from service.app import create_app
 from service.settings import get_settings
 
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
+class SuccessfulProbesFilter(logging.Filter):
+    """Keep answered health probes out of the access log: Docker's HEALTHCHECK, Compose and
+    Kubernetes probe every few seconds, which would bury the requests. A probe that does not
+    get 200 is still logged, and at AE_LOG_LEVEL=debug every probe is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (
+            isinstance(args, tuple) and len(args) == 5
+        ):  # uvicorn: client, method, path, http, status
+            _, method, path, _, status = args
+            return not (method == "GET" and path in PROBES and status == 200)
+        return True
+
 
 def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
@@ -20,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.log_level.lower() not in ("debug", "trace"):
+        # uvicorn's logging config adds handlers to this logger but leaves its filters alone.
+        logging.getLogger("uvicorn.access").addFilter(SuccessfulProbesFilter())
     uvicorn.run(
         create_app(settings),
         host=args.host,
