@@ -35,7 +35,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CONTROL_NAME = "telemetry-control.example.invalid"
 # How long the processes stay up after their last inference. Without the switch, onnxruntime
-# 1.32 first looked its collector up about 8 s after the first inference, then every 5.5 s.
+# 1.32 looked its collector up about 9 s after a process started, then every 5.5 s.
 QUIET_S = 15
 # A batch job as the benchmarks and training scripts run one: aecore.machine imports onnxruntime
 # before anything imports aecore.graphs, so the switch must not depend on the import order.
