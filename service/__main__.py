@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 
 import uvicorn
 
 from service.app import create_app
+from service.request_id import RequestIdFilter
 from service.settings import get_settings
 
 PROBES = frozenset({"/healthz", "/readyz"})
@@ -20,10 +22,8 @@ class SuccessfulProbesFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if (
-            isinstance(args, tuple) and len(args) == 5
-        ):  # uvicorn: client, method, path, http, status
-            _, method, path, _, status = args
+        if isinstance(args, tuple) and len(args) == 5:
+            _, method, path, _, status = args  # uvicorn's access line
             return not (method == "GET" and path in PROBES and status == 200)
         return True
 
@@ -35,18 +35,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
     )
-    if settings.log_level.lower() not in ("debug", "trace"):
-        # uvicorn's logging config adds handlers to this logger but leaves its filters alone.
-        logging.getLogger("uvicorn.access").addFilter(SuccessfulProbesFilter())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     uvicorn.run(
         create_app(settings),
         host=args.host,
         port=args.port,
         log_level=settings.log_level,
+        log_config=log_config(quiet_probes=settings.log_level.lower() not in ("debug", "trace")),
         timeout_graceful_shutdown=30,
     )
+
+
+def log_config(quiet_probes: bool = True) -> dict:
+    """uvicorn's own logging, with the request id on its access lines (and, with
+    `quiet_probes`, without the answered health probes)."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["filters"] = {"request_id": {"()": RequestIdFilter}}
+    config["formatters"]["access"]["fmt"] = (
+        '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s [%(request_id)s]'
+    )
+    for handler in config["handlers"].values():
+        handler["filters"] = ["request_id"]
+    if quiet_probes:
+        config["filters"]["probes"] = {"()": SuccessfulProbesFilter}
+        config["loggers"]["uvicorn.access"]["filters"] = ["probes"]
+    return config
 
 
 if __name__ == "__main__":

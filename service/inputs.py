@@ -12,6 +12,7 @@ import binascii
 import io
 import math
 from dataclasses import dataclass
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import orjson
 from fastapi import Request
 from numpy.lib import format as npy_format
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from aecore.preprocessing import ImageDecodeError, ImageTooLargeError
 from service import errors
@@ -55,42 +56,73 @@ async def read_json(request: Request) -> dict[str, Any]:
     return payload
 
 
+class _ImageFormParser(MultiPartParser):
+    """Starlette's multipart parser, counting file parts itself: past `max_images` it stops
+    reading at once with 413 `too_many_images` (no spooled file is kept)."""
+
+    def __init__(self, request: Request, max_images: int) -> None:
+        super().__init__(request.headers, request.stream(), max_fields=32)
+        self.max_images = max_images
+        self.files = 0
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()  # opens a spooled file for a part with a filename
+        if self._current_part.file is None:
+            return
+        self.files += 1
+        if self.files > self.max_images:
+            raise errors.TooManyImages(
+                f"more than {self.max_images} images in one request; the limit is {self.max_images}"
+            )
+
+
+async def _form(request: Request, max_images: int) -> Parsed:
+    try:
+        form = await _ImageFormParser(request, max_images).parse()
+    except MultiPartException as exc:
+        raise errors.InvalidMultipart(f"the multipart body is malformed: {exc.message}") from None
+    try:
+        values = form.getlist("images")
+        if any(isinstance(v, str) for v in values):
+            raise errors.InvalidRequest(
+                "multipart `images` must be file fields (curl -F images=@a.jpg)"
+            )
+        images = [await v.read() for v in values if isinstance(v, UploadFile)]
+        fields = {k: v for k, v in form.items() if k != "images"}
+    finally:
+        await form.close()  # the spooled upload files, on every path
+    return Parsed(images or None, None, fields, form=True)
+
+
+async def _json(request: Request, max_images: int, accept_latents: bool) -> Parsed:
+    payload = await read_json(request)
+    for key in ("images", "latents"):
+        if key in payload and payload[key] is None:  # the document has no null; nor do we
+            raise errors.InvalidRequest(f"`{key}` is null; leave it out or send a list")
+    images = payload.get("images")
+    if images is not None:
+        if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
+            raise errors.InvalidRequest("`images` must be a list of base64 strings")
+        if not images:
+            raise errors.InvalidRequest("`images` is empty; send at least one image")
+        _check_count(len(images), max_images)
+        images = [_b64(s, i) for i, s in enumerate(images)]
+    latents = payload.get("latents") if accept_latents else None
+    rest = {k: v for k, v in payload.items() if k not in ("images", "latents")}
+    return Parsed(images, None if latents is None else as_latents(latents), rest)
+
+
 async def parse_body(request: Request, max_images: int, accept_latents: bool) -> Parsed:
-    """Dispatch on Content-Type: multipart images, JSON images/latents, or a .npy latent array."""
+    """Dispatch on Content-Type: multipart images, JSON images/latents, or a .npy latent array.
+
+    Only the body's structure is checked here: image bytes are decoded later, once the
+    handler has checked every parameter and count.
+    """
     kind = media_type(request)
     if kind == "multipart/form-data":
-        try:
-            form = await request.form(max_files=max_images + 1, max_fields=32)
-        except HTTPException as exc:  # starlette's 400 for a malformed or oversized form
-            if str(exc.detail).startswith("Too many files"):
-                raise errors.TooManyImages(
-                    f"more than {max_images} images in one request; the limit is {max_images}"
-                ) from None
-            raise
-        try:
-            uploads = [v for v in form.getlist("images") if isinstance(v, UploadFile)]
-            strings = [v for v in form.getlist("images") if isinstance(v, str)]
-            if strings:
-                raise errors.InvalidRequest(
-                    "multipart `images` must be file fields (curl -F images=@a.jpg)"
-                )
-            _check_count(len(uploads), max_images)
-            images = [await u.read() for u in uploads]
-            fields = {k: v for k, v in form.items() if k != "images"}
-        finally:
-            await form.close()  # the spooled upload files, on every path
-        return Parsed(images or None, None, fields, form=True)
+        return await _form(request, max_images)
     if kind == "application/json":
-        payload = await read_json(request)
-        images = payload.get("images")
-        latents = payload.get("latents") if accept_latents else None
-        if images is not None:
-            if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
-                raise errors.InvalidRequest("`images` must be a list of base64 strings")
-            _check_count(len(images), max_images)
-            images = [_b64(s, i) for i, s in enumerate(images)]
-        rest = {k: v for k, v in payload.items() if k not in ("images", "latents")}
-        return Parsed(images, None if latents is None else as_latents(latents), rest)
+        return await _json(request, max_images, accept_latents)
     if kind == NPY and accept_latents:
         return Parsed(None, _npy(await request.body()), {})
     accepted = "multipart/form-data or application/json"
@@ -135,13 +167,13 @@ def as_latents(value: Any) -> np.ndarray:
         raise errors.InvalidLatents(
             "latents must contain numbers only (no strings, bools or nulls)"
         )
-    if array.ndim == 1:
+    if array.ndim == 1 and array.size:
         array = array[None, :]
     return validate_latents(array)
 
 
 def validate_latents(array: np.ndarray, latent_dim: int | None = None) -> np.ndarray:
-    if array.ndim != 2 or array.shape[0] == 0:
+    if array.ndim != 2 or 0 in array.shape:
         raise errors.InvalidLatents(
             f"latents must be [N, latent_dim], got shape {list(array.shape)}"
         )
@@ -177,7 +209,8 @@ def _npy(body: bytes) -> np.ndarray:
             )
         buf.seek(0)
         array = np.load(buf, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, SyntaxError, TokenError) as exc:
+        # numpy parses the header as a Python literal: a broken one raises tokenizer errors.
         raise errors.InvalidLatents(f"the body is not a valid .npy array: {exc}") from None
     return validate_latents(array)
 

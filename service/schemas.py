@@ -113,6 +113,7 @@ def responses(model: type[BaseModel], npy: bool = False) -> dict[int | str, dict
         413: "body, image count or pixel count too large",
         415: "unsupported Content-Type",
         422: "invalid latents, steps or weights",
-        503: "queue full or model not ready (see Retry-After)",
+        429: "busy: queue full, too much in progress, or waited too long (see Retry-After)",
+        503: "not ready, shutting down, or a failed worker (see Retry-After)",
     }
     return {200: ok, **{code: {"model": ErrorBody, "description": d} for code, d in errors.items()}}

@@ -45,6 +45,8 @@ HISTOGRAMS = {
     "ae_batch_size": {"part"},
     "ae_queue_wait_seconds": {"part"},
     "ae_inference_duration_seconds": {"part"},
+    "ae_preprocess_seconds": {"endpoint"},
+    "ae_postprocess_seconds": {"endpoint"},
 }
 GAUGES = {"ae_queue_depth": {"part"}}
 
@@ -496,20 +498,17 @@ def test_ports_agree():
 def test_answered_probes_stay_out_of_the_access_log():
     """Docker's HEALTHCHECK, Compose and Kubernetes probe every few seconds."""
     import logging
-    import signal
 
     import httpx
 
     from service.__main__ import SuccessfulProbesFilter
-    from tests.live import live_service
+    from tests.live import live_server
 
-    with live_service() as (base, proc):  # it polls /readyz until it answers 200
+    with live_server() as server:  # it polls /readyz until it answers 200
         for path in ("/healthz", "/readyz", "/metrics", "/healthz?x=1", "/no-such-page"):
-            httpx.get(base + path, timeout=10)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        proc.log.seek(0)
-        log = proc.log.read()
+            httpx.get(server.base + path, timeout=10)
+        server.stop()
+        log = server.output(tail=100_000)
     assert '"GET /metrics HTTP/1.1" 200' in log
     assert '"GET /healthz?x=1 HTTP/1.1" 200' in log and '"GET /no-such-page HTTP/1.1" 404' in log
     assert '"GET /healthz HTTP/1.1"' not in log and '"GET /readyz HTTP/1.1" 200' not in log

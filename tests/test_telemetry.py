@@ -193,15 +193,15 @@ def use_every_endpoint(base: str) -> None:
 
 
 def inside_namespace(workdir: Path) -> None:
-    from tests.live import live_service
+    from tests.live import live_server
 
     loopback_up()
     resolve_through_loopback(workdir)
     log = QueryLog()
     serve_dns(log)
     batch = subprocess.Popen([sys.executable, "-c", BATCH_JOB, str(QUIET_S)], cwd=REPO)
-    with live_service() as (base, _):
-        use_every_endpoint(base)
+    with live_server() as server:
+        use_every_endpoint(server.base)
         time.sleep(QUIET_S)
     assert batch.wait(timeout=300) == 0, "the batch job failed"
     project = log.snapshot()  # from before the starts to after the exits

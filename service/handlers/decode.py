@@ -34,8 +34,10 @@ async def decode(request: Request, runtime: RuntimeDep):
         raise errors.TooManyImages(
             f"{len(latents)} latents; the limit is {runtime.settings.max_images_per_request}"
         )
-    images = await runtime.decode(latents)
-    runtime.count("decode", len(images))
-    if wants_npy(request):
-        return npy_response(images)
-    return FastJSON({"model": model_ref(runtime), "images": await runtime.pngs(images)})
+    with runtime.admit(len(latents)):
+        images = await runtime.decode(latents)
+        runtime.count("decode", len(images))
+        with runtime.phase("postprocess", "decode"):
+            if wants_npy(request):
+                return npy_response(images)
+            return FastJSON({"model": model_ref(runtime), "images": await runtime.pngs(images)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref, request_images
+from service.handlers.common import model_ref, request_blobs
 from service.inputs import wants_npy
 from service.responses import FastJSON, npy_response
 from service.schemas import EncodeResponse, ImagesJson, request_body, responses
@@ -23,9 +23,13 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     openapi_extra=request_body(ImagesJson),
 )
 async def encode(request: Request, runtime: RuntimeDep):
-    images = await request_images(request, runtime)
-    latents = await runtime.encode(images)
-    runtime.count("encode", len(latents))
-    if wants_npy(request):
-        return npy_response(latents)
-    return FastJSON({"model": model_ref(runtime), "latents": latents})
+    blobs = await request_blobs(request, runtime)
+    with runtime.admit(len(blobs)):
+        with runtime.phase("preprocess", "encode"):
+            images = await runtime.images(blobs)
+        latents = await runtime.encode(images)
+        runtime.count("encode", len(latents))
+        with runtime.phase("postprocess", "encode"):
+            if wants_npy(request):
+                return npy_response(latents)
+            return FastJSON({"model": model_ref(runtime), "latents": latents})
