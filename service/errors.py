@@ -78,6 +78,10 @@ class InvalidLatents(ApiError):
     status, code = 422, "invalid_latents"
 
 
+class InvalidTensor(ApiError):
+    status, code = 422, "invalid_tensor"
+
+
 class InvalidParameter(ApiError):
     status, code = 422, "invalid_parameter"
 

@@ -1,4 +1,5 @@
-"""Reading request bodies: images (multipart or JSON base64), latents (JSON or .npy), params.
+"""Reading request bodies: images (multipart, JSON base64, one raw image file, or a .npy of
+preprocessed tensors), latents (JSON or .npy), and the other parameters.
 
 Limits (image count, pixels) are checked before anything is decoded; the body-size limit is
 enforced while the body streams in (see `service.limits`).
@@ -22,19 +23,27 @@ from numpy.lib import format as npy_format
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from aecore.preprocessing import ImageDecodeError, ImageTooLargeError
+from aecore.preprocessing import ImageDecodeError, ImageSpec, ImageTooLargeError, to_float
 from service import errors
 from service.responses import NPY
 
 
 @dataclass
 class Parsed:
-    """A request body: image bytes and/or latents, plus any other fields it carried."""
+    """A request body: image files, preprocessed image tensors or latents, plus any other
+    fields it carried."""
 
     images: list[bytes] | None
     latents: np.ndarray | None
     fields: dict[str, Any]
     form: bool = False  # multipart: other fields arrive as strings
+    tensors: np.ndarray | None = None  # a .npy of images the client preprocessed itself
+
+    @property
+    def image_count(self) -> int:
+        if self.tensors is not None:
+            return len(self.tensors)
+        return len(self.images or ())
 
 
 def media_type(request: Request) -> str:
@@ -112,8 +121,12 @@ async def _json(request: Request, max_images: int, accept_latents: bool) -> Pars
     return Parsed(images, None if latents is None else as_latents(latents), rest)
 
 
-async def parse_body(request: Request, max_images: int, accept_latents: bool) -> Parsed:
-    """Dispatch on Content-Type: multipart images, JSON images/latents, or a .npy latent array.
+async def parse_body(
+    request: Request, max_images: int, *, latents: bool = False, raw_images: bool = False
+) -> Parsed:
+    """Dispatch on Content-Type: multipart or JSON images (JSON latents too with `latents`),
+    a .npy of latents (`latents`) or of preprocessed images (`raw_images`), or one image file
+    as the whole body (`raw_images`: `image/jpeg`, `image/png`, ...: no multipart parsing).
 
     Only the body's structure is checked here: image bytes are decoded later, once the
     handler has checked every parameter and count.
@@ -122,23 +135,35 @@ async def parse_body(request: Request, max_images: int, accept_latents: bool) ->
     if kind == "multipart/form-data":
         return await _form(request, max_images)
     if kind == "application/json":
-        return await _json(request, max_images, accept_latents)
-    if kind == NPY and accept_latents:
-        return Parsed(None, _npy(await request.body()), {})
+        return await _json(request, max_images, latents)
+    if kind == NPY and latents:
+        return Parsed(None, validate_latents(_npy(await request.body(), errors.InvalidLatents)), {})
+    if kind == NPY and raw_images:
+        tensors = _npy(await request.body(), errors.InvalidTensor)
+        if tensors.ndim == 4:  # [N, H, W, 3]; any other shape is refused by its check
+            _check_count(len(tensors), max_images)
+        return Parsed(None, None, {}, tensors=tensors)
+    if kind.startswith("image/") and raw_images:
+        body = await request.body()
+        if not body:
+            raise errors.InvalidRequest(f"the {kind} body is empty; send the image file")
+        return Parsed([body], None, {})
     accepted = "multipart/form-data or application/json"
-    if accept_latents:
+    if raw_images:
+        accepted += f", one image file (image/jpeg, image/png, ...) or {NPY} image tensors"
+    elif latents:
         accepted += f" or {NPY}"
     raise errors.UnsupportedMediaType(
         f"Content-Type {kind or '(none)'!r} is not supported; send {accepted}"
     )
 
 
-def require_images(parsed: Parsed) -> list[bytes]:
-    if not parsed.images:
+def require_images(parsed: Parsed) -> Parsed:
+    if parsed.tensors is None and not parsed.images:  # tensors are checked by their shape
         raise errors.InvalidRequest(
             'no images: send multipart file fields named `images` or JSON {"images": [base64...]}'
         )
-    return parsed.images
+    return parsed
 
 
 def _check_count(count: int, limit: int) -> None:
@@ -191,7 +216,8 @@ def validate_latents(array: np.ndarray, latent_dim: int | None = None) -> np.nda
 _NPY_HEADERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
 
-def _npy(body: bytes) -> np.ndarray:
+def _npy(body: bytes, error: type[errors.ApiError]) -> np.ndarray:
+    """A numeric array from a .npy body, its header checked before anything is allocated."""
     buf = io.BytesIO(body)
     try:
         # The header first: numpy allocates whatever shape it declares before reading the data,
@@ -201,7 +227,7 @@ def _npy(body: bytes) -> np.ndarray:
             raise ValueError(f".npy format version {version} is not supported; use 1.0 or 2.0")
         shape, _, dtype = _NPY_HEADERS[version](buf)
         if dtype.kind not in "iuf":
-            raise errors.InvalidLatents(f".npy latents must be numeric, got dtype {dtype}")
+            raise error(f"a .npy body must be numeric, got dtype {dtype}")
         declared, present = math.prod(shape) * dtype.itemsize, len(body) - buf.tell()
         if declared != present:
             raise ValueError(
@@ -211,8 +237,35 @@ def _npy(body: bytes) -> np.ndarray:
         array = np.load(buf, allow_pickle=False)
     except (ValueError, OSError, EOFError, SyntaxError, TokenError) as exc:
         # numpy parses the header as a Python literal: a broken one raises tokenizer errors.
-        raise errors.InvalidLatents(f"the body is not a valid .npy array: {exc}") from None
-    return validate_latents(array)
+        raise error(f"the body is not a valid .npy array: {exc}") from None
+    return array
+
+
+def validate_tensors(array: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """Client-preprocessed images -> float32 [N, H, W, 3] in [0, 1], as `load_image` makes.
+
+    uint8 is scaled exactly as the service's own preprocessing does; float32 must already be
+    in [0, 1]. The size must be the model's: resizing is the client's side of the bargain.
+    """
+    if array.ndim != 4 or array.shape[0] == 0 or tuple(array.shape[1:]) != spec.shape:
+        raise errors.InvalidTensor(
+            f"image tensors must be [N, {', '.join(map(str, spec.shape))}] (NHWC, RGB), "
+            f"got shape {list(array.shape)}"
+        )
+    if array.dtype == np.uint8:
+        return to_float(array)
+    if array.dtype != np.float32:
+        raise errors.InvalidTensor(f"image tensors must be uint8 or float32, got {array.dtype}")
+    if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
+        raise errors.InvalidTensor("float32 image tensors must be finite and in [0, 1]")
+    return np.ascontiguousarray(array)
+
+
+async def preprocess(model, parsed: Parsed, max_pixels: int, pool) -> np.ndarray:
+    """The float32 [N, H, W, 3] batch of a request: its tensors checked, or its files decoded."""
+    if parsed.tensors is not None:
+        return validate_tensors(parsed.tensors, model.spec)
+    return await decode_images(model, parsed.images, max_pixels, pool)
 
 
 async def decode_images(model, blobs: list[bytes], max_pixels: int, pool) -> np.ndarray:

@@ -92,7 +92,10 @@ class _Limits:
         if properties.get("images", {}).get("type") == "array":
             images = properties["images"]
             described = {k: images[k] for k in ("description", "title") if k in images}
-            properties["images"] = {**self.images(images["items"]), **described}
+            item = images["items"]
+            if item.get("type") == "string" and "format" not in item:
+                item = {**item, "format": "byte"}  # OpenAPI's name for base64 text
+            properties["images"] = {**self.images(item), **described}
         if "latents" in properties:
             properties["latents"] = {**self.latents(), "description": "N latents"}
         if "steps" in properties:
@@ -104,7 +107,7 @@ class _Limits:
 
     def interpolate_json(self) -> dict[str, Any]:
         """Exactly one input kind and exactly one of `steps` (two inputs) or `weights`."""
-        base64 = {"type": "string", "description": "base64 of an image file"}
+        base64 = {"type": "string", "format": "byte", "description": "base64 of an image file"}
         weights = {
             "type": "array",
             "items": {"type": "number", "minimum": 0},

@@ -16,7 +16,7 @@ from aecore import manifest
 from aecore.graphs import default_threads
 from service.batcher import Batcher
 from service.errors import Busy
-from service.inputs import decode_images
+from service.inputs import Parsed, preprocess
 from service.metrics import Metrics
 from service.model import AutoencoderModel
 from service.settings import Settings
@@ -112,8 +112,9 @@ class Runtime:
         self.pool.shutdown(wait=True)
 
     # -- the steps handlers compose --
-    async def images(self, blobs: list[bytes]) -> np.ndarray:
-        return await decode_images(self.model, blobs, self.settings.max_image_pixels, self.pool)
+    async def images(self, parsed: Parsed) -> np.ndarray:
+        """A request's images as the encoder takes them (decoded in the pool, or checked)."""
+        return await preprocess(self.model, parsed, self.settings.max_image_pixels, self.pool)
 
     async def encode(self, images: np.ndarray) -> np.ndarray:
         return await self.encoder.submit(images)

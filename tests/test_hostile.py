@@ -368,8 +368,10 @@ MALFORMED = [  # (path, Content-Type, body, status, code)
     ("/encode", None, b'{"images": []}', 415, "unsupported_media_type"),
     ("/encode", "text/plain", b'{"images": []}', 415, "unsupported_media_type"),
     ("/encode", "application/xml", b"<images/>", 415, "unsupported_media_type"),
-    ("/encode", "image/jpeg", b"\xff\xd8\xff", 415, "unsupported_media_type"),
-    ("/encode", NPY, b"\x93NUMPY", 415, "unsupported_media_type"),  # only /decode takes .npy
+    ("/encode", "image/jpeg", b"\xff\xd8\xff", 400, "invalid_image"),  # a raw body, truncated
+    ("/encode", "image/png", b"", 422, "invalid_request"),
+    ("/decode", "image/jpeg", b"\xff\xd8\xff", 415, "unsupported_media_type"),
+    ("/encode", NPY, b"\x93NUMPY", 422, "invalid_tensor"),  # a .npy of images, broken
     ("/decode", f"{MULTIPART}; boundary=x", b"--x--", 422, "invalid_latents"),
     ("/encode", MULTIPART, b"no boundary", 400, None),
     ("/encode", f"{MULTIPART}; boundary=b", b"--b\r\nbad", 422, "invalid_request"),

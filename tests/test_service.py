@@ -425,3 +425,79 @@ async def test_each_phase_is_timed_per_endpoint(scene_bytes):
                 phase,
                 endpoint,
             )
+
+
+async def test_raw_image_bodies_and_npy_tensors_give_the_same_latents(scene_bytes, scene_paths):
+    from aecore.preprocessing import decode_rgb, resize_rgb
+
+    spec = ImageSpec()
+    blobs = scene_bytes[:3]
+    uint8 = np.stack([resize_rgb(decode_rgb(b), spec) for b in blobs])
+    float32 = np.stack([load_image(b, spec) for b in blobs])
+    async with running() as client:
+        form = npy(
+            (await client.post("/encode", files=multipart(blobs), headers={"Accept": NPY})).content
+        )
+        raw = [
+            npy(
+                (
+                    await client.post(
+                        "/encode", content=b, headers={"Content-Type": "image/jpeg", "Accept": NPY}
+                    )
+                ).content
+            )[0]
+            for b in blobs
+        ]
+        tensors = {
+            name: npy(
+                (
+                    await client.post(
+                        "/encode",
+                        content=_npy_body(array),
+                        headers={"Content-Type": NPY, "Accept": NPY},
+                    )
+                ).content
+            )
+            for name, array in (("uint8", uint8), ("float32", float32))
+        }
+        png_raw = await client.post(
+            "/reconstruct",
+            content=(scene_paths[0].parent / scene_paths[0].name).read_bytes(),
+            headers={"Content-Type": "image/jpeg"},
+        )
+        anomaly = await client.post(
+            "/anomaly-score", content=_npy_body(uint8[:1]), headers={"Content-Type": NPY}
+        )
+    # The same bytes through each body form give the same latents, bit for bit.
+    np.testing.assert_array_equal(np.stack(raw), form)
+    np.testing.assert_array_equal(tensors["uint8"], form)
+    np.testing.assert_array_equal(tensors["float32"], form)
+    assert png_raw.status_code == 200 and len(png_raw.json()["images"]) == 1
+    assert anomaly.status_code == 200 and len(anomaly.json()["results"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("array", "why"),
+    [
+        (np.zeros((1, 64, 64, 3), np.uint8), "shape"),
+        (np.zeros((128, 128, 3), np.uint8), "shape"),
+        (np.zeros((0, 128, 128, 3), np.uint8), "shape"),
+        (np.full((1, 128, 128, 3), 1.5, np.float32), "range"),
+        (np.full((1, 128, 128, 3), np.nan, np.float32), "finite"),
+        (np.zeros((1, 128, 128, 3), np.float64), "dtype"),
+        (np.zeros((1, 128, 128, 3), np.int16), "dtype"),
+    ],
+)
+async def test_bad_npy_tensors_are_422(array, why):
+    async with running() as client:
+        reply = await client.post(
+            "/encode", content=_npy_body(array), headers={"Content-Type": NPY}
+        )
+    assert reply.status_code == 422, (why, reply.text)
+    assert reply.json()["error"]["code"] == "invalid_tensor"
+
+
+def _npy_body(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from aecore.anomaly import Evidence, error_heatmap, per_image_mse
 from service import errors
 from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref, request_blobs
+from service.handlers.common import model_ref, request_images
 from service.responses import FastJSON
-from service.schemas import AnomalyResponse, ImagesJson, request_body, responses
+from service.schemas import IMAGE_INPUTS, AnomalyResponse, ImagesJson, request_body, responses
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -22,10 +22,10 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     summary="Score images for anomalies",
     description="`is_anomaly` is `score > threshold`. The scorer (default: the manifest's) and "
     "its threshold come from the model's manifest, calibrated on held-out images. "
-    "`heatmap=true` adds the smoothed per-pixel error laid over each input.",
+    f"`heatmap=true` adds the smoothed per-pixel error laid over each input. {IMAGE_INPUTS}",
     response_model=None,
     responses=responses(AnomalyResponse),
-    openapi_extra=request_body(ImagesJson),
+    openapi_extra=request_body(ImagesJson, raw_images=True),
 )
 async def anomaly_score(
     request: Request,
@@ -39,10 +39,10 @@ async def anomaly_score(
     name = scorers.default if scorer is None else scorer
     if name not in scorers.names:
         raise errors.InvalidParameter(f"unknown scorer {name!r}; this model has {scorers.names}")
-    blobs = await request_blobs(request, runtime)
-    with runtime.admit(len(blobs)):
+    parsed = await request_images(request, runtime)
+    with runtime.admit(parsed.image_count):
         with runtime.phase("preprocess", "anomaly-score"):
-            images = await runtime.images(blobs)
+            images = await runtime.images(parsed)
         latents = await runtime.encode(images)
         outputs = await runtime.decode(latents)
         loop = asyncio.get_running_loop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from service.inputs import parse_body, require_images
+from service.inputs import Parsed, parse_body, require_images
 from service.runtime import Runtime
 
 
@@ -12,12 +12,10 @@ def model_ref(runtime: Runtime) -> dict:
     return {"name": runtime.model.name, "version": runtime.model.version}
 
 
-async def request_blobs(request: Request, runtime: Runtime) -> list[bytes]:
-    """The image files of a multipart or JSON image request, counted but not yet decoded.
+async def request_images(request: Request, runtime: Runtime) -> Parsed:
+    """The images of a request (files, or preprocessed tensors), counted but not yet decoded.
 
-    Handlers hold `runtime.admit(len(blobs))` while they decode and run them.
+    Handlers hold `runtime.admit(parsed.image_count)` while they decode and run them.
     """
-    parsed = await parse_body(
-        request, runtime.settings.max_images_per_request, accept_latents=False
-    )
+    parsed = await parse_body(request, runtime.settings.max_images_per_request, raw_images=True)
     return require_images(parsed)

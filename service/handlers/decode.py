@@ -24,7 +24,7 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     openapi_extra=request_body(LatentsJson, multipart=False, npy=True),
 )
 async def decode(request: Request, runtime: RuntimeDep):
-    parsed = await parse_body(request, runtime.settings.max_images_per_request, accept_latents=True)
+    parsed = await parse_body(request, runtime.settings.max_images_per_request, latents=True)
     if parsed.latents is None:
         raise errors.InvalidLatents(
             'no latents: send JSON {"latents": [[...], ...]} or a .npy body'

@@ -37,7 +37,7 @@ _FORM_FIELDS = {
 )
 async def interpolate(request: Request, runtime: RuntimeDep):
     settings = runtime.settings
-    parsed = await parse_body(request, settings.max_images_per_request, accept_latents=True)
+    parsed = await parse_body(request, settings.max_images_per_request, latents=True)
     if (parsed.images is None) == (parsed.latents is None):
         raise errors.InvalidRequest("send either `images` or `latents` (one of them)")
     steps = _steps(_present(parsed.fields, "steps", parsed.form), parsed.form)
@@ -66,7 +66,7 @@ async def interpolate(request: Request, runtime: RuntimeDep):
     with runtime.admit(inputs + outputs):
         if parsed.images is not None:
             with runtime.phase("preprocess", "interpolate"):
-                images = await runtime.images(parsed.images)
+                images = await runtime.images(parsed)
             latents = await runtime.encode(images)
         else:
             latents = validate_latents(parsed.latents, runtime.model.latent_dim)
