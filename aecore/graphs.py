@@ -2,7 +2,8 @@
 
 Every session of the project is opened here, so this is also where onnxruntime's usage
 telemetry is switched off: onnxruntime >= 1.31 reports usage events unless told not to, and a
-self-hosted service must contact no one its operator did not configure.
+self-hosted service must contact no one its operator did not configure. The environment switch,
+which is what stops the uploads, is set when `aecore` is imported (aecore/__init__.py).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import numpy as np
 if TYPE_CHECKING:  # onnxruntime is in both the `serve` and `train` extras, not in the core
     import onnxruntime as ort
 
-# Child processes (uvicorn workers, Ray actors) inherit the switch before they import onnxruntime.
-os.environ["ORT_DISABLE_TELEMETRY"] = "1"
-
 
 @cache
 def telemetry_off() -> None:
-    """Switch onnxruntime's telemetry events off for this process (idempotent)."""
+    """Switch onnxruntime's telemetry events off for this process (idempotent).
+
+    onnxruntime's API switch. On Linux with onnxruntime 1.32 it alone does not stop the
+    uploads (measured in a network namespace); ORT_DISABLE_TELEMETRY does (aecore/__init__.py).
+    """
     import onnxruntime as ort
 
     disable = getattr(ort, "disable_telemetry_events", None)

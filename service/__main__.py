@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import glob
+import logging
 import os
 import tempfile
 
@@ -13,6 +14,21 @@ import uvicorn
 from service.app import create_app
 from service.request_id import RequestIdFilter
 from service.settings import get_settings
+
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
+class SuccessfulProbesFilter(logging.Filter):
+    """Keep answered health probes out of the access log: Docker's HEALTHCHECK, Compose and
+    Kubernetes probe every few seconds, which would bury the requests. A probe that does not
+    get 200 is still logged, and at AE_LOG_LEVEL=debug every probe is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5:
+            _, method, path, _, status = args  # uvicorn's access line
+            return not (method == "GET" and path in PROBES and status == 200)
+        return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,8 +66,9 @@ def metrics_folder() -> str:
 
 
 def log_config(level: str) -> dict:
-    """uvicorn's own logging plus the service's, with the request id on every line; given to
-    uvicorn, so that each worker process applies it too."""
+    """uvicorn's own logging plus the service's, with the request id on every line, and
+    answered health probes out of the access log unless the level is debug; given to uvicorn,
+    so that each worker process applies it too."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["filters"] = {"request_id": {"()": RequestIdFilter}}
     config["formatters"]["access"]["fmt"] = (
@@ -68,6 +85,9 @@ def log_config(level: str) -> dict:
     for handler in config["handlers"].values():
         handler["filters"] = ["request_id"]
     config["root"] = {"handlers": ["service"], "level": level.upper()}
+    if level.lower() not in ("debug", "trace"):
+        config["filters"]["probes"] = {"()": SuccessfulProbesFilter}
+        config["loggers"]["uvicorn.access"]["filters"] = ["probes"]
     return config
 
 
