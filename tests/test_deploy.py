@@ -501,7 +501,7 @@ def test_answered_probes_stay_out_of_the_access_log():
 
     import httpx
 
-    from service.__main__ import SuccessfulProbesFilter
+    from service.logs import SuccessfulProbesFilter
     from tests.live import live_server
 
     with live_server() as server:  # it polls /readyz until it answers 200
