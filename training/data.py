@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.preprocessing import ImageDecodeError, ImageSpec, decode_rgb, resize_rgb
+from aecore.preprocessing import ImageDecodeError, ImageSpec, load_rgb8
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _images(folder: Path) -> list[Path]:
 
 def _read(path: Path, spec: ImageSpec) -> np.ndarray | None:
     try:
-        return resize_rgb(decode_rgb(path.read_bytes()), spec)
+        return load_rgb8(path.read_bytes(), spec)
     except (ImageDecodeError, OSError) as exc:
         log.warning("skipping unreadable image %s: %s", path, exc)
         return None
