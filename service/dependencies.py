@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader
 
 from service.errors import Unauthorized, Unavailable
+from service.repository import Served
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -58,3 +60,21 @@ async def require_metrics_key(key: ApiKey, settings: SettingsDep) -> None:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+async def get_served(
+    runtime: RuntimeDep,
+    model: Annotated[
+        str | None, Query(description="a served model (GET /models); default AE_MODEL_NAME")
+    ] = None,
+    version: Annotated[
+        int | None, Query(gt=0, description="one of its served versions; default the highest")
+    ] = None,
+) -> AsyncIterator[Served]:
+    """The model version a request runs on, held (leased) until the request is answered: a
+    version retired meanwhile finishes this request before it stops."""
+    with runtime.repository.resolve(model, version).lease() as served:
+        yield served
+
+
+ServedDep = Annotated[Served, Depends(get_served)]

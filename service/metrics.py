@@ -14,6 +14,7 @@ from prometheus_client import (
 )
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCHER_LABELS = ["model", "version", "part"]
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 
@@ -42,20 +43,20 @@ class Metrics:
         self.batch_size = Histogram(
             "ae_batch_size",
             "Rows per onnxruntime call",
-            ["part"],
+            BATCHER_LABELS,
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(
-            "ae_queue_wait_seconds", "Time a request waits in the batching queue", ["part"],
+            "ae_queue_wait_seconds", "Time a request waits in the batching queue", BATCHER_LABELS,
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inference_duration = Histogram(
-            "ae_inference_duration_seconds", "onnxruntime time per batch", ["part"],
+            "ae_inference_duration_seconds", "onnxruntime time per batch", BATCHER_LABELS,
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge(
-            "ae_queue_depth", "Images waiting in the batching queue", ["part"], registry=r,
+            "ae_queue_depth", "Images waiting in the batching queue", BATCHER_LABELS, registry=r,
             multiprocess_mode="livesum",  # across workers: the images waiting in all of them
         )  # fmt: skip
         # Per phase, as KServe reports them: decoding requests into tensors, and turning

@@ -147,7 +147,7 @@ async def test_security_is_declared_only_where_a_key_is_required():
 async def test_constraints_come_from_the_settings_and_the_loaded_model():
     async with running(max_images_per_request=5, max_interpolation_steps=7) as c:
         spec = (await c.get("/openapi.json")).json()
-        model = c.app.state.runtime.model
+        model = c.app.state.runtime.default().model
     paths = spec["paths"]
     for path in ("/encode", "/reconstruct", "/anomaly-score"):
         body = paths[path]["post"]["requestBody"]["content"]

@@ -179,7 +179,7 @@ async def test_concurrent_single_requests_are_batched_and_keep_their_rows(scene_
             rest = [
                 asyncio.create_task(client.post("/encode", files=multipart([b]))) for b in blobs[1:]
             ]
-            await wait_until(lambda: runtime.encoder.depth == 15, "15 requests queued")
+            await wait_until(lambda: runtime.default().encoder.depth == 15, "15 requests queued")
         replies = [await first, *[await r for r in rest]]
         text = (await client.get("/metrics")).text
     got = np.asarray([r.json()["latents"][0] for r in replies], np.float32)

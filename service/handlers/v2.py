@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from service import errors
 from service.dependencies import RuntimeDep, require_api_key
 from service.inputs import Parsed, validate_latents, validate_tensors
+from service.repository import ModelNotFound, Served
 from service.responses import FastJSON
 from service.runtime import Runtime
 
@@ -39,16 +40,13 @@ class ProtocolError(errors.ApiError):
     status, code = 400, "invalid_inference_request"
 
 
-class ModelNotFound(errors.ApiError):
-    status, code = 404, "model_not_found"
-
-
 @dataclass(frozen=True)
 class Graph:
     """One graph of the loaded model as a V2 model."""
 
     name: str
     version: str
+    versions: list[str]
     input: str
     input_shape: list[int]
     output: str
@@ -57,32 +55,40 @@ class Graph:
     def metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "versions": [self.version],
+            "versions": self.versions,
             "platform": "onnxruntime_onnx",
             "inputs": [{"name": self.input, "datatype": "FP32", "shape": self.input_shape}],
             "outputs": [{"name": self.output, "datatype": "FP32", "shape": self.output_shape}],
         }
 
 
-def graphs(runtime: Runtime) -> dict[str, Graph]:
-    model = runtime.model
-    image, latent = [-1, *model.spec.shape], [-1, model.latent_dim]
-    version = str(model.version)
-    return {
-        f"{model.name}-encoder": Graph(f"{model.name}-encoder", version, "image", image,
-                                       "latent", latent),
-        f"{model.name}-decoder": Graph(f"{model.name}-decoder", version, "latent", latent,
-                                       "image", image),
-    }  # fmt: skip
-
-
-def graph(runtime: Runtime, name: str, version: str | None) -> Graph:
-    found = graphs(runtime).get(name)
-    if found is None:
-        raise ModelNotFound(f"no model {name!r}; this server has {sorted(graphs(runtime))}")
-    if version is not None and version != found.version:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {found.version}")
+def graphs(runtime: Runtime) -> dict[str, tuple[str, dict[int, Served]]]:
+    """V2 model name -> (graph, the served versions of its model)."""
+    found = {}
+    for name, versions in runtime.repository.served.items():
+        for part in ("encoder", "decoder"):
+            found[f"{name}-{part}"] = (part, versions)
     return found
+
+
+def graph(runtime: Runtime, name: str, version: str | None) -> tuple[Graph, Served]:
+    """The graph of one served version (the highest when `version` is None)."""
+    part, versions = graphs(runtime).get(name, (None, {}))
+    if part is None:
+        raise ModelNotFound(f"no model {name!r}; this server has {sorted(graphs(runtime))}")
+    if version is None:
+        served = versions[max(versions)]
+    elif version.isdigit() and int(version) in versions:
+        served = versions[int(version)]
+    else:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has "
+                            f"{sorted(versions)}")  # fmt: skip
+    model = served.model
+    image, latent = [-1, *model.spec.shape], [-1, model.latent_dim]
+    shapes = (("image", image), ("latent", latent))
+    (inp, ins), (out, outs) = shapes if part == "encoder" else shapes[::-1]
+    return Graph(name, str(model.version), [str(v) for v in sorted(versions)], inp, ins, out,
+                 outs), served  # fmt: skip
 
 
 # -- server and model metadata, health -----------------------------------------------------
@@ -107,7 +113,7 @@ async def ready(request: Request) -> Response:
 
 @router.get("/models/{name}", summary="Model metadata", dependencies=keyed, responses={404: {}})
 async def model_metadata(name: str, runtime: RuntimeDep) -> dict:
-    return graph(runtime, name, None).metadata()
+    return graph(runtime, name, None)[0].metadata()
 
 
 @router.get(
@@ -117,7 +123,7 @@ async def model_metadata(name: str, runtime: RuntimeDep) -> dict:
     responses={404: {}},
 )
 async def version_metadata(name: str, version: str, runtime: RuntimeDep) -> dict:
-    return graph(runtime, name, version).metadata()
+    return graph(runtime, name, version)[0].metadata()
 
 
 @router.get("/models/{name}/ready", summary="Model readiness", dependencies=keyed,
@@ -163,17 +169,17 @@ INFER_DOC = {
 @router.post("/models/{name}/infer", summary="Inference (V2)", dependencies=keyed,
              openapi_extra=INFER_DOC, responses={**BAD, 404: {}, 413: {}, 429: {}, 503: {}})  # fmt: skip
 async def infer(name: str, request: Request, runtime: RuntimeDep) -> Response:
-    return await _infer(graph(runtime, name, None), request, runtime)
+    return await _infer(*graph(runtime, name, None), request)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference of a version (V2)",
              dependencies=keyed, openapi_extra=INFER_DOC,
              responses={**BAD, 404: {}, 413: {}, 429: {}, 503: {}})  # fmt: skip
 async def infer_version(name: str, version: str, request: Request, runtime: RuntimeDep):
-    return await _infer(graph(runtime, name, version), request, runtime)
+    return await _infer(*graph(runtime, name, version), request)
 
 
-async def _infer(target: Graph, request: Request, runtime: Runtime) -> Response:
+async def _infer(target: Graph, served: Served, request: Request) -> Response:
     body = await request.body()
     head, binary = _split(body, request.headers.get(HEADER))
     try:
@@ -184,15 +190,15 @@ async def _infer(target: Graph, request: Request, runtime: Runtime) -> Response:
         raise ProtocolError('the request must be an object with an "inputs" list')
     if len(header["inputs"]) != 1:
         raise ProtocolError(f"model {target.name!r} takes one input, {target.input!r}")
-    rows, count = _input(target, header["inputs"][0], binary, runtime)
+    rows, count = _input(target, header["inputs"][0], binary, served)
     wanted = _outputs(target, header)
-    with runtime.admit(count):
+    with served.lease(), served.admit(count):  # the version finishes this request if retired
         if target.input == "image":
-            images = await runtime.images(rows) if isinstance(rows, Parsed) else rows
-            result = await runtime.encode(images)
+            images = await served.images(rows) if isinstance(rows, Parsed) else rows
+            result = await served.encode(images)
         else:
-            result = await runtime.decode(rows)
-    runtime.count(f"v2:{target.name}", count)
+            result = await served.decode(rows)
+    served.count(f"v2:{target.name}", count)
     return _response(target, header.get("id"), result, wanted)
 
 
@@ -207,7 +213,7 @@ def _split(body: bytes, declared: str | None) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
-def _input(target: Graph, spec: Any, binary: bytes, runtime: Runtime) -> tuple[Any, int]:
+def _input(target: Graph, spec: Any, binary: bytes, served: Served) -> tuple[Any, int]:
     if not isinstance(spec, dict):
         raise ProtocolError("each input must be an object")
     if spec.get("name") != target.input:
@@ -225,7 +231,7 @@ def _input(target: Graph, spec: Any, binary: bytes, runtime: Runtime) -> tuple[A
         )
     if size is None and binary:
         raise ProtocolError("the body has binary data but no input declares binary_data_size")
-    limit = runtime.settings.max_images_per_request
+    limit = served.settings.max_images_per_request
     if shape and shape[0] > limit:
         raise errors.TooManyImages(f"{shape[0]} rows in one request; the limit is {limit}")
     if datatype == "BYTES" and target.input == "image":
@@ -246,8 +252,8 @@ def _input(target: Graph, spec: Any, binary: bytes, runtime: Runtime) -> tuple[A
     else:
         array = _json_data(spec.get("data"), count).reshape(shape)
     if target.input == "image":
-        return validate_tensors(array.astype(np.float32), runtime.model.spec), shape[0]
-    return validate_latents(array, runtime.model.latent_dim), shape[0]
+        return validate_tensors(array.astype(np.float32), served.model.spec), shape[0]
+    return validate_latents(array, served.model.latent_dim), shape[0]
 
 
 def _json_data(data: Any, count: int) -> np.ndarray:
