@@ -1,0 +1,144 @@
+"""The Ray Data actor: one model's sessions, run over whole parts, each written as one file.
+
+A part's images are read from their filesystem, preprocessed with the service's pipeline
+(`Autoencoder.preprocess` = `aecore.preprocessing.load_image`), run through the graphs in
+batches, scored with the manifest's calibrated scorer, and written atomically. A file that
+cannot be read or decoded becomes a row with `error` set; it never fails the part.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aecore.anomaly import AnomalyScorers, Evidence, per_image_mse
+from aecore.preprocessing import ImageDecodeError, ImageTooLargeError
+from aecore.runner import Autoencoder
+from batch import storage
+from batch.sources import Part
+
+VERBS = ("encode", "reconstruct-error", "score")
+
+
+def schema(latent_dim: int, metadata: dict) -> pa.Schema:
+    """Every verb writes every column (null where it computes nothing), so outputs compare."""
+    return pa.schema(
+        [
+            pa.field("path", pa.string(), nullable=False),
+            pa.field("class", pa.string()),
+            pa.field("latent", pa.list_(pa.float32(), latent_dim)),
+            pa.field("mse", pa.float64()),
+            pa.field("score", pa.float64()),
+            pa.field("is_anomaly", pa.bool_()),
+            pa.field("error", pa.string()),
+        ],
+        metadata={"convae": json.dumps(metadata)},
+    )
+
+
+class PartRunner:
+    """Callable class for `Dataset.map_batches`: a batch is a few parts (as JSON), usually one."""
+
+    def __init__(
+        self,
+        folder: str,
+        verb: str,
+        output: str,
+        scorer: str | None,
+        batch_size: int,
+        threads: int,
+        providers: list[str],
+        max_pixels: int | None,
+        metadata: dict,
+    ) -> None:
+        self.model = Autoencoder(Path(folder), providers, threads)
+        self.scorers = AnomalyScorers(self.model.manifest["anomaly"], self.model.folder)
+        self.verb, self.output, self.scorer = verb, output, scorer
+        self.batch_size, self.max_pixels = batch_size, max_pixels
+        self.schema = schema(self.model.latent_dim, metadata)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        done = [self.run(Part.from_json(str(text))) for text in batch["part"]]
+        return {key: np.array([d[key] for d in done]) for key in ("name", "images", "failed")}
+
+    def run(self, part: Part) -> dict:
+        paths, classes, blobs, errors = self._inputs(part)
+        images: list[np.ndarray] = []
+        good: list[int] = []
+        for i, blob in enumerate(blobs):
+            if errors[i] is not None:
+                continue
+            try:
+                images.append(self.model.preprocess(blob, self.max_pixels))
+                good.append(i)
+            except ImageTooLargeError as exc:
+                errors[i] = f"image_too_large: {exc}"
+            except ImageDecodeError as exc:
+                errors[i] = f"invalid_image: {exc}"
+        columns = self._infer(np.stack(images) if images else None, good, len(paths))
+        table = pa.table(
+            {"path": paths, "class": classes, **columns, "error": errors}, schema=self.schema
+        )
+        storage.write_parquet_atomically(table, storage.join(self.output, part.name))
+        failed = sum(e is not None for e in errors)
+        return {"name": part.name, "images": len(paths), "failed": failed}
+
+    def _inputs(self, part: Part) -> tuple[list[str], list, list[bytes | None], list[str | None]]:
+        """(paths, classes, image bytes, errors) of a part, one entry per row."""
+        if part.parquet is None:
+            blobs: list[bytes | None] = []
+            errors: list[str | None] = []
+            for path in part.paths:
+                try:
+                    blobs.append(storage.read_bytes(path))
+                    errors.append(None)
+                except OSError as exc:  # missing, permission, network: this row only
+                    blobs.append(None)
+                    errors.append(f"unreadable: {exc}")
+            return list(part.paths), list(part.classes), blobs, errors
+        cols = part.columns
+        fs, path = storage.resolve(part.parquet)
+        wanted = [c for c in (cols["image"], cols["path"], cols["label"]) if c]
+        table = pq.ParquetFile(path, filesystem=fs).read_row_group(part.row_group, columns=wanted)
+        blobs = table.column(cols["image"]).to_pylist()
+        errors = [None if b else "no_image: the image column is null or empty" for b in blobs]
+        if cols["path"]:
+            paths = [str(p) for p in table.column(cols["path"]).to_pylist()]
+        else:
+            paths = [f"{part.parquet}#{part.row_group}:{i}" for i in range(len(blobs))]
+        if cols["label"]:
+            classes = [
+                None if c is None else str(c) for c in table.column(cols["label"]).to_pylist()
+            ]
+        else:
+            classes = [None] * len(blobs)
+        return paths, classes, blobs, errors
+
+    def _infer(self, images: np.ndarray | None, good: list[int], rows: int) -> dict[str, list]:
+        """The model's columns for every row: values at `good`, null elsewhere."""
+        latent: list = [None] * rows
+        mse: list = [None] * rows
+        score: list = [None] * rows
+        flag: list = [None] * rows
+        if images is not None:
+            for start in range(0, len(images), self.batch_size):
+                x = images[start : start + self.batch_size]
+                z = self.model.encode(x)
+                where = good[start : start + self.batch_size]
+                for row, vector in zip(where, z, strict=True):
+                    latent[row] = vector
+                if self.verb == "encode":
+                    continue
+                y = self.model.decode(z)
+                for row, value in zip(where, per_image_mse(x, y), strict=True):
+                    mse[row] = float(value)
+                if self.verb == "score":
+                    values = self.scorers.score(self.scorer, Evidence(x, y, z))
+                    threshold = self.scorers.thresholds[self.scorer]
+                    for row, value in zip(where, values, strict=True):
+                        score[row], flag[row] = float(value), bool(value > threshold)
+        return {"latent": latent, "mse": mse, "score": score, "is_anomaly": flag}

@@ -1,0 +1,198 @@
+"""The batch job (`python -m batch`) on the committed fixtures with local Ray limited to 2 CPUs.
+
+Checks rows and classes, latents and anomaly scores bit-equal to the running service's, a
+corrupt file reported in its own row, resume after an interruption, Parquet and list inputs,
+the CLI, and the KubeRay example manifest. Ray starts once for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from batch.cli import main
+from batch.job import JobError, Options, run, start_ray
+from batch.sources import ParquetColumns, plan
+from tests.conftest import DEFAULT_MODEL_DIR, REPO
+from tests.service_client import multipart, npy, running
+
+MODEL = DEFAULT_MODEL_DIR / "intel-scenes"
+CORRUPT = {"forest/corrupt.jpg": b"\xff\xd8\xff\xe0" + b"not a jpeg" * 40, "sea/empty.png": b""}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    start_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory, scene_paths) -> Path:
+    """The fixture scenes in class folders, plus a corrupt JPEG and an empty PNG."""
+    root = tmp_path_factory.mktemp("scenes")
+    for path in scene_paths:
+        (root / path.parent.name).mkdir(exist_ok=True)
+        shutil.copy(path, root / path.parent.name / path.name)
+    for name, data in CORRUPT.items():
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def scored(local_ray, scenes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scored") / "out"
+    summary = run(Options("score", str(scenes), str(out), MODEL, part_size=8, progress=False))
+    return out, summary
+
+
+def table_of(folder: Path) -> pa.Table:
+    return pq.read_table(folder).sort_by("path")
+
+
+def test_rows_classes_and_bad_files_in_their_rows(scored, scenes, scene_paths):
+    out, summary = scored
+    table = table_of(out)
+    assert table.num_rows == len(scene_paths) + len(CORRUPT) == summary.images == 32
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [
+        p.name for p in plan(str(scenes), part_size=8)
+    ]
+    rows = table.to_pylist()
+    for row in rows:
+        relative = Path(row["path"]).relative_to(scenes)
+        assert row["class"] == relative.parts[0]
+        if relative.as_posix() in CORRUPT:
+            assert row["error"].startswith("invalid_image: ")
+            assert row["latent"] is row["mse"] is row["score"] is row["is_anomaly"] is None
+        else:
+            assert row["error"] is None and len(row["latent"]) == 1024
+            assert row["mse"] > 0 and isinstance(row["is_anomaly"], bool)
+    assert summary.failures == {"invalid_image": 2}
+    assert summary.parts == 4 and summary.parts_skipped == 0 and summary.images_run == 32
+    meta = json.loads(table.schema.metadata[b"convae"])
+    assert meta["model"]["name"] == "intel-scenes" and meta["verb"] == "score"
+
+
+async def test_latents_and_scores_equal_the_service(scored, scenes, scene_paths):
+    table = table_of(scored[0]).filter(pa.compute.is_null(pa.compute.field("error")))
+    relative = [Path(p).relative_to(scenes) for p in table["path"].to_pylist()]
+    blobs = [(scenes / r).read_bytes() for r in relative]
+    assert len(blobs) == len(scene_paths)
+    async with running() as client:
+        encoded = await client.post(
+            "/encode", files=multipart(blobs), headers={"Accept": "application/x-npy"}
+        )
+        scored_by_service = await client.post("/anomaly-score", files=multipart(blobs))
+    assert encoded.status_code == 200 and scored_by_service.status_code == 200
+    latents = np.stack(table["latent"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert latents.dtype == npy(encoded.content).dtype
+    assert np.array_equal(latents, npy(encoded.content))  # bit for bit, not approximately
+    results = scored_by_service.json()["results"]
+    assert table["score"].to_pylist() == [r["score"] for r in results]
+    assert table["mse"].to_pylist() == [r["mse"] for r in results]
+    assert table["is_anomaly"].to_pylist() == [r["is_anomaly"] for r in results]
+
+
+def test_resume_recomputes_only_the_missing_part(scored, scenes, tmp_path):
+    original, _ = scored
+    out = tmp_path / "out"
+    shutil.copytree(original, out)
+    parts = sorted(out.glob("part-*.parquet"))
+    lost = parts[1]
+    lost.unlink()  # as if the run had stopped before this part was written
+    (out / f".{lost.name}.0123abcd.tmp").write_bytes(b"half a part")  # and left its temporary
+    before = {p.name: p.stat().st_mtime_ns for p in parts if p != lost}
+    summary = run(Options("score", str(scenes), str(out), MODEL, part_size=8, progress=False))
+    assert (summary.parts_skipped, summary.images_run) == (3, lost_rows(original / lost.name))
+    assert {p.name: p.stat().st_mtime_ns for p in parts if p != lost} == before
+    assert lost.is_file() and not list(out.glob(".*.tmp"))
+    assert table_of(out).equals(table_of(original))
+    again = run(Options("score", str(scenes), str(out), MODEL, part_size=8, progress=False))
+    assert again.images_run == 0 and again.parts_skipped == 4 and again.failed == 2
+
+
+def lost_rows(part: Path) -> int:
+    return pq.read_metadata(part).num_rows
+
+
+def test_an_output_of_another_job_is_refused(scored, scenes):
+    with pytest.raises(JobError, match="another job"):
+        run(Options("encode", str(scenes), str(scored[0]), MODEL, part_size=8, progress=False))
+
+
+def test_parquet_input_gives_the_same_latents(scored, scenes, tmp_path):
+    reference = table_of(scored[0]).filter(pa.compute.is_null(pa.compute.field("error")))
+    paths = reference["path"].to_pylist()
+    images = pa.table(
+        {
+            "path": paths,
+            "class": reference["class"],
+            "image": pa.array([Path(p).read_bytes() for p in paths], pa.binary()),
+        }
+    )
+    source = tmp_path / "images.parquet"
+    pq.write_table(images, source, row_group_size=16)
+    out = tmp_path / "out"
+    summary = run(Options("encode", str(source), str(out), MODEL, progress=False))
+    assert summary.parts == 2 and summary.failed == 0
+    table = table_of(out)
+    assert table["path"].to_pylist() == paths and table["class"].equals(reference["class"])
+    assert table["latent"].equals(reference["latent"])
+    assert table["mse"].null_count == table["score"].null_count == table.num_rows
+
+
+def test_list_and_glob_inputs_plan_the_same_files(scenes, tmp_path):
+    folder = plan(str(scenes), part_size=1000)[0]
+    listing = tmp_path / "files.txt"
+    lines = [f"{p}\t{c}" for p, c in zip(folder.paths, folder.classes, strict=True)]
+    listing.write_text("# path<TAB>class\n" + "\n".join(lines) + "\n")
+    listed = plan(str(listing), part_size=1000)[0]
+    assert (listed.paths, listed.classes) == (folder.paths, folder.classes)
+    relative = tmp_path / "relative.txt"
+    shutil.copy(scenes / "sea" / sorted(p.name for p in (scenes / "sea").iterdir())[0],
+                tmp_path / "one.jpg")  # fmt: skip
+    relative.write_text("one.jpg\n")
+    assert plan(str(relative))[0].paths == [str(tmp_path / "one.jpg")]
+    globbed = plan(str(scenes / "*" / "*.jpg"), part_size=1000)[0]
+    assert globbed.paths == sorted(p for p in folder.paths if p.endswith(".jpg"))
+    assert set(globbed.classes) == {None}
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="no image column"):
+        plan(str(tmp_path / "bad.parquet"), columns=ParquetColumns())
+
+
+def test_cli_on_a_flat_folder(local_ray, scenes, tmp_path):
+    summary_file = tmp_path / "summary.json"
+    argv = ["reconstruct-error", str(scenes / "sea"), "-o", str(tmp_path / "out"),
+            "--model", str(MODEL / "1"), "--part-size", "4", "--no-progress",
+            "--summary-json", str(summary_file)]  # fmt: skip
+    assert main(argv) == 0
+    table = table_of(tmp_path / "out")
+    summary = json.loads(summary_file.read_text())
+    assert table.num_rows == summary["images"] == len(list((scenes / "sea").iterdir()))
+    assert table["class"].null_count == table.num_rows  # a flat folder has no classes
+    assert summary["failures"] == {"invalid_image": 1}  # sea/empty.png
+    assert table["score"].null_count == table.num_rows and table["mse"].null_count == 1
+    assert main(["encode", str(tmp_path / "missing"), "-o", str(tmp_path / "o2")]) == 2
+
+
+def test_rayjob_manifest_runs_the_batch_job_with_telemetry_off():
+    documents = list(yaml.safe_load_all((REPO / "deploy" / "ray" / "rayjob.yaml").read_text()))
+    job = next(d for d in documents if d["kind"] == "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["entrypoint"].startswith("python -m batch ")
+    cluster = job["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("RAY_USAGE_STATS_ENABLED") == "0"
