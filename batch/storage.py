@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from functools import lru_cache
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -78,16 +79,17 @@ def kind(location: str) -> pafs.FileType:
     return fs.get_file_info(path).type
 
 
-def write_parquet_atomically(table: pa.Table, location: str) -> None:
+def write_parquet_atomically(table: pa.Table, location: str, **options: Any) -> None:
     """Write to a hidden temporary name beside `location`, then rename it into place.
 
     A reader (or a resumed job) sees the part complete or not at all. On object stores the
-    rename is a copy and a delete; the object appears whole either way.
+    rename is a copy and a delete; the object appears whole either way. `options` go to
+    `pyarrow.parquet.write_table`.
     """
     fs, path = resolve(location)
     folder, _, name = path.rpartition("/")
     temporary = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, temporary, filesystem=fs)
+    pq.write_table(table, temporary, filesystem=fs, **options)
     fs.move(temporary, path)
 
 
