@@ -126,11 +126,10 @@ def run(options: Options) -> Summary:
     job = {
         "verb": options.verb,
         "model": {"name": card["name"], "version": card["version"],
-                  "sha256": card["files"]["sha256"]},
+                  "sha256": card["files"].get("sha256")},
         "scorer": scorer,
         "threshold": scorers.thresholds.get(scorer) if scorer else None,
         "source": source,
-        "parts": len(parts),
     }  # fmt: skip
     todo = _prepare_output(output, job, parts)
     if todo:
@@ -147,13 +146,11 @@ def _prepare_output(output: str, job: dict, parts: list[Part]) -> list[Part]:
     fs, path = storage.resolve(output)
     fs.create_dir(path, recursive=True)
     record = storage.join(output, JOB_FILE)
-    names = [p.rpartition("/")[2] for p in storage.list_files(output)]
+    names = [p.rpartition("/")[2] for p in storage.list_files(output, recursive=False)]
     existing = {n for n in names if n.startswith("part-")}
-    if existing and storage.kind(record) != storage.pafs.FileType.NotFound:
+    if existing and storage.exists(record):
         previous = json.loads(storage.read_bytes(record))
-        if {k: v for k, v in previous.items() if k != "parts"} != {
-            k: v for k, v in job.items() if k != "parts"
-        }:
+        if previous != job:
             raise JobError(
                 f"{output} holds the output of another job ({previous['verb']} with "
                 f"{previous['model']['name']} v{previous['model']['version']} on "

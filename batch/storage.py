@@ -67,16 +67,20 @@ def read_bytes(location: str) -> bytes:
         return stream.readall()
 
 
-def list_files(location: str) -> list[str]:
-    """Every file under a folder, recursively, as paths on its filesystem."""
+def list_files(location: str, recursive: bool = True) -> list[str]:
+    """The files under a folder (recursively by default), as paths on its filesystem."""
     fs, path = resolve(location)
-    selector = pafs.FileSelector(path, recursive=True)
+    selector = pafs.FileSelector(path, recursive=recursive)
     return [info.path for info in fs.get_file_info(selector) if info.type == pafs.FileType.File]
 
 
 def kind(location: str) -> pafs.FileType:
     fs, path = resolve(location)
     return fs.get_file_info(path).type
+
+
+def exists(location: str) -> bool:
+    return kind(location) != pafs.FileType.NotFound
 
 
 def write_parquet_atomically(table: pa.Table, location: str, **options: Any) -> None:

@@ -56,7 +56,11 @@ class PartRunner:
         metadata: dict,
     ) -> None:
         self.model = Autoencoder(Path(folder), providers, threads)
-        self.scorers = AnomalyScorers(self.model.manifest["anomaly"], self.model.folder)
+        self.scorers = (
+            AnomalyScorers(self.model.manifest["anomaly"], self.model.folder)
+            if verb == "score"
+            else None
+        )
         self.verb, self.output, self.scorer = verb, output, scorer
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.schema = schema(self.model.latent_dim, metadata)

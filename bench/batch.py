@@ -30,6 +30,7 @@ from training.data import discover
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
+IDLE_S = 10.0
 
 
 class TreeCpu:
@@ -103,6 +104,10 @@ def batch_job(paths: list[Path], verb: str, batch_size: int, workdir: Path) -> d
     start_ray()
     ray_start = time.perf_counter() - started
     tree.sample()
+    idle0 = tree.total()
+    time.sleep(IDLE_S)  # what Ray's own processes cost with nothing to do
+    tree.sample()
+    idle = (tree.total() - idle0) / IDLE_S
     before, driver0 = tree.total(), time.process_time()
     stop = asyncio.Event()
 
@@ -120,6 +125,7 @@ def batch_job(paths: list[Path], verb: str, batch_size: int, workdir: Path) -> d
     cpu = tree.total() - before + time.process_time() - driver0  # workers, raylet, driver
     out = result("(a) batch job, Ray Data", summary.images_run, summary.seconds, cpu)
     out["ray_start_s"] = round(ray_start, 1)
+    out["ray_idle_cores"] = round(idle, 3)
     out["failed"] = summary.failed
     return out
 

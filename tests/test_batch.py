@@ -8,7 +8,12 @@ the CLI, and the KubeRay example manifest. Ray starts once for the module.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +123,27 @@ def test_resume_recomputes_only_the_missing_part(scored, scenes, tmp_path):
     assert table_of(out).equals(table_of(original))
     again = run(Options("score", str(scenes), str(out), MODEL, part_size=8, progress=False))
     assert again.images_run == 0 and again.parts_skipped == 4 and again.failed == 2
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(local_ray, scored, scenes, tmp_path):
+    """Ctrl-C a real `python -m batch` (its own Ray) after its first parts, then run again."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "batch", "score", str(scenes), "-o", str(out),
+               "--model", str(MODEL), "--part-size", "2", "--num-cpus", "1", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    with subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) as job:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("part-*.parquet"))) < 1 and time.monotonic() < deadline:
+            assert job.poll() is None, job.stderr.read()
+            time.sleep(0.05)
+        job.send_signal(signal.SIGINT)
+        job.wait(timeout=60)
+    written = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert 1 <= len(written) < 16  # stopped part-way (one actor, parts one at a time)
+    summary = run(Options("score", str(scenes), str(out), MODEL, part_size=2, progress=False))
+    assert summary.parts_skipped == len(written) and summary.parts == 16
+    assert table_of(out).equals(table_of(scored[0]))  # the same rows as one uninterrupted run
 
 
 def lost_rows(part: Path) -> int:
