@@ -22,12 +22,10 @@ def class_layout(relative_files: list[str]) -> tuple[list[str], list[str] | None
     `relative_files` are every file under the root, as POSIX paths relative to it. Files are
     ordered by their path components, so each class's files are together and classes sorted.
     """
-    paths = sorted((PurePosixPath(f) for f in relative_files if is_image_name(f)), key=_parts)
+    paths = sorted(
+        (PurePosixPath(f) for f in relative_files if is_image_name(f)), key=lambda p: p.parts
+    )
     classed = [p for p in paths if len(p.parts) > 1 and not p.parts[0].startswith(".")]
     if classed:
         return [str(p) for p in classed], [p.parts[0] for p in classed]
     return [str(p) for p in paths if len(p.parts) == 1], None
-
-
-def _parts(path: PurePosixPath) -> tuple[str, ...]:
-    return path.parts

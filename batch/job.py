@@ -78,11 +78,11 @@ class Summary:
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` / RAY_ADDRESS, or start one embedded in this process."""
+    # Set before Ray is imported; read when it starts a local cluster. A cluster started with
+    # `ray start` needs it in its own environment (deploy/ray/rayjob.yaml sets it).
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import ray
 
-    # Read by `ray.init` when it starts a local cluster; a cluster started with `ray start`
-    # needs it in its own environment (deploy/ray/rayjob.yaml sets it).
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

@@ -28,6 +28,8 @@ from batch.sources import ParquetColumns, plan
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
 from tests.service_client import multipart, npy, running
 
+# Ray Data's own DataContext warns about its deprecated fields on first use.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 MODEL = DEFAULT_MODEL_DIR / "intel-scenes"
 CORRUPT = {"forest/corrupt.jpg": b"\xff\xd8\xff\xe0" + b"not a jpeg" * 40, "sea/empty.png": b""}
 
@@ -116,10 +118,12 @@ def test_resume_recomputes_only_the_missing_part(scored, scenes, tmp_path):
     lost.unlink()  # as if the run had stopped before this part was written
     (out / f".{lost.name}.0123abcd.tmp").write_bytes(b"half a part")  # and left its temporary
     before = {p.name: p.stat().st_mtime_ns for p in parts if p != lost}
+    stale = out / "part-00004-0123456789ab.parquet"  # a part of an earlier, different input
+    shutil.copy(parts[0], stale)
     summary = run(Options("score", str(scenes), str(out), MODEL, part_size=8, progress=False))
     assert (summary.parts_skipped, summary.images_run) == (3, lost_rows(original / lost.name))
     assert {p.name: p.stat().st_mtime_ns for p in parts if p != lost} == before
-    assert lost.is_file() and not list(out.glob(".*.tmp"))
+    assert lost.is_file() and not stale.exists() and not list(out.glob(".*.tmp"))
     assert table_of(out).equals(table_of(original))
     again = run(Options("score", str(scenes), str(out), MODEL, part_size=8, progress=False))
     assert again.images_run == 0 and again.parts_skipped == 4 and again.failed == 2
