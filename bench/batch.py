@@ -132,16 +132,12 @@ def batch_job(paths: list[Path], verb: str, batch_size: int, workdir: Path) -> d
 
 def service(paths: list[Path], verb: str, clients: int) -> dict:
     """(c) the service (tests/live.py's real `python -m service`), one image per request."""
-    from tests.live import live_service
+    from tests.live import live_server
 
     endpoint = "/encode" if verb == "encode" else "/anomaly-score"
     headers = {"Accept": "application/x-npy"} if verb == "encode" else {}
-    with live_service() as (base, proc):
-        stat = Path(f"/proc/{proc.pid}/stat")
-
-        def server_cpu() -> float:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    with live_server() as server:
+        base, server_cpu = server.base, server.cpu_seconds
 
         async def go() -> tuple[float, float, float]:
             queue = iter(paths)
@@ -160,9 +156,9 @@ def service(paths: list[Path], verb: str, clients: int) -> dict:
                 wall = time.perf_counter() - started
                 return wall, server_cpu() - cpu0, time.process_time() - client0
 
-        wall, server, client = asyncio.run(go())
-    out = result(f"(c) service over HTTP, {clients} clients", len(paths), wall, server + client)
-    out["server_cpu_s"], out["client_cpu_s"] = round(server, 1), round(client, 1)
+        wall, server_s, client_s = asyncio.run(go())
+    out = result(f"(c) service over HTTP, {clients} clients", len(paths), wall, server_s + client_s)
+    out["server_cpu_s"], out["client_cpu_s"] = round(server_s, 1), round(client_s, 1)
     return out
 
 
