@@ -24,7 +24,8 @@ import yaml
 
 from batch.cli import main
 from batch.job import JobError, Options, run, start_ray
-from batch.sources import ParquetColumns, plan
+from batch.sources import ParquetColumns, Part, plan
+from batch.worker import PartRunner
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
 from tests.service_client import multipart, npy, running
 
@@ -200,6 +201,20 @@ def test_list_and_glob_inputs_plan_the_same_files(scenes, tmp_path):
         plan(str(tmp_path / "bad.parquet"), columns=ParquetColumns())
 
 
+def test_a_missing_or_oversized_file_is_its_own_row(scenes, tmp_path):
+    """The actor's work without Ray: a vanished file and a too-large image fail alone."""
+    good = sorted((scenes / "sea").glob("*.jpg"))[:2]
+    part = Part(index=0, images=3, paths=[str(good[0]), str(tmp_path / "gone.jpg"), str(good[1])],
+                classes=["sea", None, "sea"])  # fmt: skip
+    runner = PartRunner(str(MODEL / "1"), "encode", str(tmp_path), None, 2, 1, None, 10_000, {})
+    assert runner.run(part) == {"name": part.name, "images": 3, "failed": 3}  # 150x150 > 10,000
+    errors = pq.read_table(tmp_path / part.name)["error"].to_pylist()
+    assert errors[1].startswith("unreadable: ") and "gone.jpg" in errors[1]
+    assert errors[0].startswith("image_too_large: ") and errors[2].startswith("image_too_large: ")
+    runner.max_pixels = 150 * 150
+    assert runner.run(part)["failed"] == 1
+
+
 def test_cli_on_a_flat_folder(local_ray, scenes, tmp_path):
     summary_file = tmp_path / "summary.json"
     argv = ["reconstruct-error", str(scenes / "sea"), "-o", str(tmp_path / "out"),
@@ -226,3 +241,28 @@ def test_rayjob_manifest_runs_the_batch_job_with_telemetry_off():
         for container in group["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env.get("RAY_USAGE_STATS_ENABLED") == "0"
+
+
+def test_the_ray_image_lints_and_its_context_has_what_it_copies():
+    dockerfile = REPO / "deploy" / "ray" / "Dockerfile"
+    hadolint = Path(sys.executable).with_name("hadolint")
+    lint = subprocess.run(
+        [str(hadolint), "--no-color", "--config", str(REPO / ".hadolint.yaml"), str(dockerfile)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    allowed = {
+        line[1:].rstrip("/")
+        for line in dockerfile.with_name("Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    copied = [
+        source.rstrip("/")
+        for line in dockerfile.read_text().splitlines()
+        if line.startswith("COPY ")
+        for source in line.split()[1:-1]
+        if not source.startswith("--")
+    ]
+    assert {"pyproject.toml", "batch", "aecore", "service", "models"} <= set(copied)
+    for source in copied:
+        assert source in allowed and (REPO / source).exists(), source
