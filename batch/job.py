@@ -111,6 +111,9 @@ def run(options: Options) -> Summary:
 
     if options.verb not in VERBS:
         raise JobError(f"unknown verb {options.verb!r}; one of {VERBS}")
+    for name in ("batch_size", "part_size", "cpus_per_actor"):
+        if getattr(options, name) < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be at least 1")
     folder = model_folder(options.model)
     card = manifest.read(folder)
     scorers = AnomalyScorers(card["anomaly"], folder)

@@ -4,7 +4,8 @@ Sources: a folder tree (class = first-level subfolder, `aecore.folders`' rule, a
 reads it), a glob, a text file of paths (one per line, optionally `<TAB>class`; relative paths
 are relative to the list's folder), or Parquet (a file or a folder of them) with an image-bytes
 column. Image files are cut into parts of `part_size` in a stable order; a Parquet row group is
-one part. A part's name carries a digest of what it reads, so a changed input gives a new part.
+one part. A part's name carries a digest of the paths (or row group) it reads, so adding or
+removing files gives new parts.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def schema(latent_dim: int, metadata: dict) -> pa.Schema:
 
 
 class PartRunner:
-    """Callable class for `Dataset.map_batches`: a batch is a few parts (as JSON), usually one."""
+    """Callable class for `Dataset.map_batches`: each batch holds one part (as JSON)."""
 
     def __init__(
         self,
@@ -51,7 +51,7 @@ class PartRunner:
         scorer: str | None,
         batch_size: int,
         threads: int,
-        providers: list[str],
+        providers: list[str] | None,
         max_pixels: int | None,
         metadata: dict,
     ) -> None:

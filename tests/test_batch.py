@@ -228,6 +228,7 @@ def test_cli_on_a_flat_folder(local_ray, scenes, tmp_path):
     assert summary["failures"] == {"invalid_image": 1}  # sea/empty.png
     assert table["score"].null_count == table.num_rows and table["mse"].null_count == 1
     assert main(["encode", str(tmp_path / "missing"), "-o", str(tmp_path / "o2")]) == 2
+    assert main(["encode", str(scenes), "-o", str(tmp_path / "o3"), "--part-size", "0"]) == 2
 
 
 def test_rayjob_manifest_runs_the_batch_job_with_telemetry_off():
