@@ -9,6 +9,7 @@ cannot be read or decoded becomes a row with `error` set; it never fails the par
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from batch import storage
 from batch.sources import Part
 
 VERBS = ("encode", "reconstruct-error", "score")
+READ_THREADS = 16
 
 
 def schema(latent_dim: int, metadata: dict) -> pa.Schema:
@@ -64,6 +66,13 @@ class PartRunner:
         self.verb, self.output, self.scorer = verb, output, scorer
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.schema = schema(self.model.latent_dim, metadata)
+        # Remote reads wait on an object store's latency per file, so many run at once (local
+        # ones are cheaper without the threads); an actor given several CPUs decodes on as
+        # many threads (OpenCV releases the GIL), to keep a GPU fed.
+        self.readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read")
+        self.decoders = (
+            ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done = [self.run(Part.from_json(str(text))) for text in batch["part"]]
@@ -76,17 +85,18 @@ class PartRunner:
         mse, score, flag = [None] * rows, [None] * rows, [None] * rows
         # Decode a batch, run it, move on: memory stays one batch of float images, not a part.
         for start in range(0, rows, self.batch_size):
+            stop = min(start + self.batch_size, rows)
+            todo = [i for i in range(start, stop) if errors[i] is None]
+            decoded = (self.decoders.map if self.decoders else map)(
+                self._preprocess, [blobs[i] for i in todo]
+            )
             good, images = [], []
-            for i in range(start, min(start + self.batch_size, rows)):
-                if errors[i] is None:
-                    try:
-                        images.append(self.model.preprocess(blobs[i], self.max_pixels))
-                        good.append(i)
-                    except ImageTooLargeError as exc:
-                        errors[i] = f"image_too_large: {exc}"
-                    except ImageDecodeError as exc:
-                        errors[i] = f"invalid_image: {exc}"
-                blobs[i] = None
+            for i, image in zip(todo, decoded, strict=True):
+                if isinstance(image, str):
+                    errors[i] = image
+                else:
+                    good.append(i)
+                    images.append(image)
             if not good:
                 continue
             x = np.stack(images)
@@ -115,18 +125,29 @@ class PartRunner:
         )
         return {"name": part.name, "images": rows, "failed": sum(e is not None for e in errors)}
 
+    def _preprocess(self, blob: bytes) -> np.ndarray | str:
+        """The encoder's input, or the reason there is none."""
+        try:
+            return self.model.preprocess(blob, self.max_pixels)
+        except ImageTooLargeError as exc:
+            return f"image_too_large: {exc}"
+        except ImageDecodeError as exc:
+            return f"invalid_image: {exc}"
+
+    @staticmethod
+    def _read(path: str) -> bytes | str:
+        try:
+            return storage.read_bytes(path)
+        except OSError as exc:  # missing, permission, network: this row only
+            return f"unreadable: {exc}"
+
     def _inputs(self, part: Part) -> tuple[list[str], list, list[bytes | None], list[str | None]]:
         """(paths, classes, image bytes, errors) of a part, one entry per row."""
         if part.parquet is None:
-            blobs: list[bytes | None] = []
-            errors: list[str | None] = []
-            for path in part.paths:
-                try:
-                    blobs.append(storage.read_bytes(path))
-                    errors.append(None)
-                except OSError as exc:  # missing, permission, network: this row only
-                    blobs.append(None)
-                    errors.append(f"unreadable: {exc}")
+            remote = any("://" in path for path in part.paths)
+            read = list((self.readers.map if remote else map)(self._read, part.paths))
+            blobs = [None if isinstance(r, str) else r for r in read]
+            errors = [r if isinstance(r, str) else None for r in read]
             return list(part.paths), list(part.classes), blobs, errors
         cols = part.columns
         fs, path = storage.resolve(part.parquet)
