@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import glob
 import os
 import tempfile
@@ -11,7 +10,7 @@ import tempfile
 import uvicorn
 
 from service.app import create_app
-from service.request_id import RequestIdFilter
+from service.logs import log_config
 from service.settings import get_settings
 
 
@@ -47,28 +46,6 @@ def metrics_folder() -> str:
     for stale in glob.glob(os.path.join(folder, "*.db")):
         os.remove(stale)
     return folder
-
-
-def log_config(level: str) -> dict:
-    """uvicorn's own logging plus the service's, with the request id on every line; given to
-    uvicorn, so that each worker process applies it too."""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["filters"] = {"request_id": {"()": RequestIdFilter}}
-    config["formatters"]["access"]["fmt"] = (
-        '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s [%(request_id)s]'
-    )
-    config["formatters"]["service"] = {
-        "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
-    }
-    config["handlers"]["service"] = {
-        "class": "logging.StreamHandler",
-        "formatter": "service",
-        "stream": "ext://sys.stderr",
-    }
-    for handler in config["handlers"].values():
-        handler["filters"] = ["request_id"]
-    config["root"] = {"handlers": ["service"], "level": level.upper()}
-    return config
 
 
 if __name__ == "__main__":

@@ -45,9 +45,12 @@ class Runtime:
         folder = manifest.resolve(s.model_dir, s.model_name, s.model_version)
         threads = s.intra_op_threads or max(1, default_threads() // s.workers)
         model = await asyncio.to_thread(
-            AutoencoderModel, folder, s.providers, s.require_gpu, threads
-        )
-        seconds = await asyncio.to_thread(model.warm_up, (1, s.max_batch_size))
+            AutoencoderModel, folder, s.providers, s.require_gpu, threads, s.precision,
+            s.cudnn_conv_algo_search, s.trt_cache_dir,
+        )  # fmt: skip
+        # On a GPU every batch size the batcher can form is a new shape for cuDNN's search.
+        sizes = range(1, s.max_batch_size + 1) if model.on_gpu else (1, s.max_batch_size)
+        seconds = await asyncio.to_thread(model.warm_up, tuple(sizes))
         log.info(
             "loaded %s v%s from %s; providers in use: %s (asked for %s); %d intra-op threads; "
             "warm-up %.2f s",

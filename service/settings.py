@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     # CPUExecutionProvider"). Empty: CUDA when this onnxruntime build has it, then CPU.
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     require_gpu: bool = False  # refuse to start when no GPU provider is actually in use
+    # fp16 graphs (exported beside the fp32 ones; inputs and outputs stay float32).
+    precision: Literal["fp32", "fp16"] = "fp32"
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
+    trt_cache_dir: Path | None = None  # TensorRT engines; default models/<name>/.trt-cache/<v>
     intra_op_threads: int | None = Field(default=None, gt=0)  # default: the cores we may use
 
     # Dynamic batching, one queue per graph.
