@@ -242,6 +242,7 @@ def test_rayjob_manifest_runs_the_batch_job_with_telemetry_off():
         for container in group["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env.get("RAY_USAGE_STATS_ENABLED") == "0"
+            assert env.get("RAY_USAGE_STATS_REPORT_URL", "").startswith("http://127.0.0.1:")
 
 
 def test_the_ray_image_lints_and_its_context_has_what_it_copies():
