@@ -268,3 +268,45 @@ def test_the_ray_image_lints_and_its_context_has_what_it_copies():
     assert {"pyproject.toml", "batch", "aecore", "service", "models"} <= set(copied)
     for source in copied:
         assert source in allowed and (REPO / source).exists(), source
+
+
+# Run inside `unshare --net --mount`: the batch job on its own local Ray, then a control lookup.
+NAMESPACED_JOB = """
+import json, subprocess, sys
+from pathlib import Path
+from tests.test_telemetry import CONTROL_NAME, QueryLog, loopback_up, resolve_through_loopback, serve_dns
+work = Path(sys.argv[1])
+loopback_up()
+resolve_through_loopback(work)
+log = QueryLog()
+serve_dns(log)
+job = subprocess.run([sys.executable, "-m", "batch", "score", sys.argv[2], "-o", str(work / "out"),
+                      "--num-cpus", "1", "--no-progress"], capture_output=True, text=True)
+assert job.returncode == 0, job.stderr[-3000:]
+project = log.snapshot()
+subprocess.run([sys.executable, "-c", f"import socket; socket.getaddrinfo({CONTROL_NAME!r}, 80)"],
+               capture_output=True, timeout=30)
+(work / "lookups.json").write_text(json.dumps({"project": project, "control": log.snapshot()}))
+"""
+
+
+def test_the_batch_job_looks_up_no_name_but_rays_metadata_probe(scenes, tmp_path):
+    """Only Ray's own cloud-metadata probe (docs/batch.md, "Network"); never usage-stats."""
+    from tests.test_telemetry import CONTROL_NAME, namespace_unavailable
+
+    reason = namespace_unavailable()
+    if reason is not None:
+        if os.environ.get("CI") == "true" and os.geteuid() == 0:
+            pytest.fail(f"CI runs as root, so this test must run, but: {reason}")
+        pytest.skip(reason)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run(
+        ["unshare", "--net", "--mount", "--", sys.executable, "-c", NAMESPACED_JOB,
+         str(tmp_path), str(scenes / "sea")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    seen = json.loads((tmp_path / "lookups.json").read_text())
+    assert CONTROL_NAME in seen["control"], seen  # the listener does see lookups
+    assert set(seen["project"]) <= {"metadata.google.internal"}, seen["project"]
