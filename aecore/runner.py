@@ -95,9 +95,12 @@ class Autoencoder:
         latents = self.encode_all(images, batch_size)
         return latents, self.decode_all(latents, batch_size)
 
-    def preprocess(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
-        """Encoded image bytes -> the float32 [H, W, 3] the encoder takes (the one pipeline)."""
-        return load_image(data, self.spec, max_pixels)
+    def preprocess(
+        self, data: bytes, max_pixels: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Encoded image bytes -> the float32 [H, W, 3] the encoder takes (the one pipeline),
+        written into `out` (a slot of a batch) when given."""
+        return load_image(data, self.spec, max_pixels, out)
 
 
 def _as_input(images: np.ndarray) -> np.ndarray:

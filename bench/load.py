@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from aecore.preprocessing import decode_rgb, resize_rgb
+from aecore.preprocessing import load_rgb8
 from aecore.runner import Autoencoder
 from bench.common import (
     REPO,
@@ -126,7 +126,7 @@ def request_body(url: str, kind: str = "multipart") -> tuple[bytes, dict[str, st
         return jpeg, {"content-type": "image/jpeg"}, 1
     if kind == "npy32":
         spec = Autoencoder(model_folder(), verify=False).spec
-        frames = np.stack([resize_rgb(decode_rgb(p.read_bytes()), spec) for p in scene_jpegs()])
+        frames = np.stack([load_rgb8(p.read_bytes(), spec) for p in scene_jpegs()])
         buf = io.BytesIO()
         np.save(buf, np.resize(frames, (NPY_IMAGES, *frames.shape[1:])))
         return buf.getvalue(), {"content-type": "application/x-npy"}, NPY_IMAGES

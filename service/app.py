@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors, openapi
-from service.handlers import anomaly, decode, encode, health, interpolate, reconstruct, ui
+from service.handlers import anomaly, decode, encode, health, interpolate, reconstruct, ui, v2
 from service.limits import Admission, BodySizeLimit
 from service.metrics import Metrics
 from service.request_id import RequestId
@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     errors.install(app)
     openapi.install(app, settings)
-    for module in (encode, decode, reconstruct, anomaly, interpolate, health, ui):
+    for module in (encode, decode, reconstruct, anomaly, interpolate, health, ui, v2):
         app.include_router(module.router)
     # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE),
     # and their bodies in bytes (AE_MAX_INFLIGHT_BYTES).

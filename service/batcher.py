@@ -127,6 +127,11 @@ class Batcher:
             ) from None
         return results[0] if len(results) == 1 else np.concatenate(results)
 
+    def _assemble_and_run(self, parts: list[np.ndarray]) -> np.ndarray:
+        """In the inference thread: one buffer for the batch (the copy stays off the event
+        loop), then the engine call."""
+        return self.run(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
     # -- the worker ------------------------------------------------------------------------
     async def _supervise(self) -> None:
         while True:
@@ -202,12 +207,14 @@ class Batcher:
             now = time.perf_counter()
             for item in batch:
                 self._metrics.queue_wait.labels(self.part).observe(now - item.enqueued)
-            rows = batch[0].rows if len(batch) == 1 else np.concatenate([i.rows for i in batch])
-            self._metrics.batch_size.labels(self.part).observe(len(rows))
+            parts = [item.rows for item in batch]
+            rows = sum(len(p) for p in parts)
+            self._metrics.batch_size.labels(self.part).observe(rows)
             started = time.perf_counter()
-            out = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, rows)
-            if len(out) != len(rows):
-                raise EngineError(f"the {self.part} returned {len(out)} rows for {len(rows)}")
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(self._executor, self._assemble_and_run, parts)
+            if len(out) != rows:
+                raise EngineError(f"the {self.part} returned {len(out)} rows for {rows}")
             self._metrics.inference_duration.labels(self.part).observe(
                 time.perf_counter() - started
             )

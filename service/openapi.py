@@ -53,8 +53,15 @@ def constrain(spec: dict[str, Any], settings: Settings, model: Any | None) -> No
                 else:
                     limits.apply(schema.get("properties", {}))
             for parameter in operation.get("parameters", []):
-                if parameter["name"] == "scorer" and model is not None:
+                if model is None:
+                    continue
+                if parameter["name"] == "scorer":
                     parameter["schema"] = {"type": "string", "enum": model.scorers.names}
+                elif path.startswith("/v2/models/") and parameter["name"] == "name":
+                    graphs = [f"{model.name}-encoder", f"{model.name}-decoder"]
+                    parameter["schema"] = {"type": "string", "enum": graphs}
+                elif path.startswith("/v2/models/") and parameter["name"] == "version":
+                    parameter["schema"] = {"type": "string", "enum": [str(model.version)]}
     if settings.api_key is None:
         spec.get("components", {}).pop("securitySchemes", None)
 
@@ -66,8 +73,8 @@ def _security(path: str, operation: dict[str, Any], settings: Settings) -> None:
     if not keyed:
         operation.pop("security", None)
         operation.get("responses", {}).pop("401", None)
-    elif "security" not in operation and "401" in operation.get("responses", {}):
-        operation["security"] = [{SCHEME: []}]
+    elif "security" in operation:
+        operation["responses"].setdefault("401", {"description": "missing or wrong X-API-Key"})
 
 
 class _Limits:

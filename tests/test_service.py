@@ -428,11 +428,11 @@ async def test_each_phase_is_timed_per_endpoint(scene_bytes):
 
 
 async def test_raw_image_bodies_and_npy_tensors_give_the_same_latents(scene_bytes, scene_paths):
-    from aecore.preprocessing import decode_rgb, resize_rgb
+    from aecore.preprocessing import load_rgb8
 
     spec = ImageSpec()
     blobs = scene_bytes[:3]
-    uint8 = np.stack([resize_rgb(decode_rgb(b), spec) for b in blobs])
+    uint8 = np.stack([load_rgb8(b, spec) for b in blobs])
     float32 = np.stack([load_image(b, spec) for b in blobs])
     async with running() as client:
         form = npy(

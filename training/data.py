@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from aecore.folders import IMAGE_SUFFIXES, class_layout
-from aecore.preprocessing import ImageDecodeError, ImageSpec, decode_rgb, resize_rgb
+from aecore.preprocessing import ImageDecodeError, ImageSpec, load_rgb8
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,14 @@ def discover(root: Path) -> tuple[list[Path], list[str], list[int]]:
             f"in it ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     classes = sorted(set(file_classes)) if file_classes else [FLAT_CLASS]
-    labels = [classes.index(c) for c in file_classes] if file_classes else [0] * len(names)
+    label_of = {c: i for i, c in enumerate(classes)}
+    labels = [label_of[c] for c in file_classes] if file_classes else [0] * len(names)
     return [root / name for name in names], classes, labels
 
 
 def _read(path: Path, spec: ImageSpec) -> np.ndarray | None:
     try:
-        return resize_rgb(decode_rgb(path.read_bytes()), spec)
+        return load_rgb8(path.read_bytes(), spec)
     except (ImageDecodeError, OSError) as exc:
         log.warning("skipping unreadable image %s: %s", path, exc)
         return None
