@@ -53,6 +53,9 @@ def test_health_and_metadata(client):
     assert meta["outputs"] == [{"name": "latent", "datatype": "FP32", "shape": [-1, 1024]}]
     assert meta["versions"] == ["1"]
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    # Triton's model configuration, which its tools (perf_analyzer) read to size requests.
+    config = client.get_model_config(ENCODER)
+    assert config["max_batch_size"] > 0 and config["input"][0]["dims"] == [128, 128, 3]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
