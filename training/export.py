@@ -16,7 +16,7 @@ import tensorflow as tf
 from aecore import anomaly, manifest
 from aecore.graphs import open_session, run_batched
 from aecore.preprocessing import ImageSpec, to_float
-from training import report
+from training import probe, report
 from training.anomaly import calibrate_and_evaluate
 from training.compare import compare
 from training.data import ImageSet
@@ -198,6 +198,7 @@ def export(
         },
         "anomaly": calibrate_and_evaluate(staging, train_set, val_set, target_fpr, config.seed),
     }
+    body["metrics"]["linear_probe"] = probe.linear_probe(staging, train_set, val_set)
     if compare_seed:
         body["metrics"]["comparison"] = compare(staging, run_dir, baseline_run)
     write_report(staging / "report", body, val_set, outputs, latents, history)
@@ -225,7 +226,10 @@ def write_report(
             latents, data.labels, data.classes, report_dir / "latent_map.png"
         ),
     }
-    (report_dir / "report.md").write_text(report.markdown(body, figures))
+    linear_probe = body.get("metrics", {}).get("linear_probe")
+    (report_dir / "report.md").write_text(
+        report.markdown(body, figures) + probe.markdown(linear_probe)
+    )
     return report_dir
 
 
