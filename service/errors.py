@@ -76,6 +76,12 @@ class InvalidParameter(ApiError):
     status, code = 422, "invalid_parameter"
 
 
+class NotSupported(ApiError):
+    """The loaded model cannot do what was asked (e.g. /generate without a generation density)."""
+
+    status, code = 409, "not_supported"
+
+
 class Overloaded(ApiError):
     """The bounded queue is full, the request waited past its deadline, or we are not ready."""
 
