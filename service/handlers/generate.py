@@ -87,8 +87,8 @@ def _n(value: Any, limit: int) -> int:
 
 
 def _seed(value: Any) -> int:
-    if value is None:
-        return secrets.randbelow(2**63)
+    if value is None:  # below 2^53, so that JavaScript clients read it back exactly
+        return secrets.randbelow(2**53)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise errors.InvalidParameter(
             f"`seed` must be a whole number from 0 to 2^64-1, got {value!r}"
