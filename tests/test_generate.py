@@ -164,7 +164,7 @@ def test_probe_density_choice_and_evaluation_on_real_scenes(tmp_path, folder):
     train, val = scenes.subset(train_idx), scenes.subset(val_idx)
     train_z, val_z = ae.encode_all(train.images), ae.encode_all(val.images)
 
-    probe = linear_probe(folder, train, val, train_z, val_z)
+    probe = linear_probe(train, val, train_z, val_z)
     assert set(probe["accuracy"]) == {"latents", "pca", "pixels"}
     assert all(0.0 <= a <= 1.0 for a in probe["accuracy"].values())
     assert "18x18x3 (972)" in probe["features"]["pixels"]

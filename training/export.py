@@ -198,7 +198,8 @@ def export(
         },
         "anomaly": calibrate_and_evaluate(staging, train_set, val_set, target_fpr, config.seed),
     }
-    body["metrics"]["linear_probe"] = probe.linear_probe(staging, train_set, val_set)
+    train_latents = run_graphs(staging, train_set.images)[0]
+    body["metrics"]["linear_probe"] = probe.linear_probe(train_set, val_set, train_latents, latents)
     if compare_seed:
         body["metrics"]["comparison"] = compare(staging, run_dir, baseline_run)
     write_report(staging / "report", body, val_set, outputs, latents, history)

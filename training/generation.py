@@ -280,7 +280,7 @@ def add_generator(source: Path, data_root: Path, version: int | None = None) -> 
     staging = manifest.staging_folder(root, version)
     shutil.copytree(source, staging, dirs_exist_ok=True)
     density.save(staging / GENERATOR_FILE)
-    probe = linear_probe(staging, train, val, train_z, val_z, config.seed)
+    probe = linear_probe(train, val, train_z, val_z, config.seed)
     evaluation = evaluate(ae, density, train, train_z, val, val_z, staging / "report")
 
     body = copy.deepcopy(body)

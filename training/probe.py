@@ -9,12 +9,10 @@ to the latent's (1024 -> 18x18x3 = 972). A reduction worth its name should beat 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
 from aecore.preprocessing import ImageSpec, resize_rgb, to_float
-from aecore.runner import Autoencoder
 from training.data import ImageSet
 
 
@@ -50,17 +48,13 @@ def pca_features(train: np.ndarray, val: np.ndarray, components: int, seed: int 
 
 
 def linear_probe(
-    folder: Path,
     train: ImageSet,
     val: ImageSet,
-    train_latents: np.ndarray | None = None,
-    val_latents: np.ndarray | None = None,
+    train_latents: np.ndarray,
+    val_latents: np.ndarray,
     seed: int = 42,
 ) -> dict:
-    """The probe's accuracies on the validation split; latents are encoded when not given."""
-    if train_latents is None or val_latents is None:
-        ae = Autoencoder(folder)
-        train_latents, val_latents = ae.encode_all(train.images), ae.encode_all(val.images)
+    """The probe's accuracies on the validation split, given the model's latents of both."""
     dim = train_latents.shape[1]
     components = min(dim, len(train), int(np.prod(train.images.shape[1:])))
     side = thumbnail_side(dim)
