@@ -37,7 +37,7 @@ def fit_ledoit_wolf(latents: np.ndarray, labels: np.ndarray, classes: list[str])
 
     means, factors = [], []
     for k in range(len(classes)):
-        fitted = LedoitWolf().fit(latents[labels == k].astype(np.float64))
+        fitted = LedoitWolf(store_precision=False).fit(latents[labels == k].astype(np.float64))
         means.append(fitted.location_)
         factors.append(np.linalg.cholesky(fitted.covariance_))
     return _density(classes, labels, means, factors, np.zeros(len(classes)))
