@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
 from aecore import manifest
 from aecore.graphs import default_threads
 from service.batcher import Batcher
-from service.inputs import decode_images
+from service.errors import Busy
+from service.inputs import Parsed, preprocess
 from service.metrics import Metrics
 from service.model import AutoencoderModel
 from service.settings import Settings
@@ -25,7 +29,8 @@ class Runtime:
         self.settings = settings
         self.metrics = metrics
         self.model: AutoencoderModel | None = None
-        self.ready = False
+        self._ready = False
+        self.images_in_flight = 0
         # OpenCV releases the GIL, so decoding and PNG encoding scale over threads.
         self.pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads or max(2, default_threads()),
@@ -38,10 +43,14 @@ class Runtime:
         """Load and check the model folder, warm both graphs up, start the batchers."""
         s = self.settings
         folder = manifest.resolve(s.model_dir, s.model_name, s.model_version)
+        threads = s.intra_op_threads or max(1, default_threads() // s.workers)
         model = await asyncio.to_thread(
-            AutoencoderModel, folder, s.providers, s.require_gpu, s.intra_op_threads
-        )
-        seconds = await asyncio.to_thread(model.warm_up, (1, s.max_batch_size))
+            AutoencoderModel, folder, s.providers, s.require_gpu, threads, s.precision,
+            s.cudnn_conv_algo_search, s.trt_cache_dir,
+        )  # fmt: skip
+        # On a GPU every batch size the batcher can form is a new shape for cuDNN's search.
+        sizes = range(1, s.max_batch_size + 1) if model.on_gpu else (1, s.max_batch_size)
+        seconds = await asyncio.to_thread(model.warm_up, tuple(sizes))
         log.info(
             "loaded %s v%s from %s; providers in use: %s (asked for %s); %d intra-op threads; "
             "warm-up %.2f s",
@@ -63,6 +72,41 @@ class Runtime:
         self.model = model
         self.ready = True
 
+    @property
+    def ready(self) -> bool:
+        """Loaded, not shutting down, and both batching workers healthy."""
+        batchers = (self.encoder, self.decoder)
+        return self._ready and all(b is not None and b.healthy for b in batchers)
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+
+    @contextmanager
+    def admit(self, images: int) -> Iterator[None]:
+        """Hold `images` places of AE_MAX_INFLIGHT_IMAGES while a request works on them."""
+        limit = self.settings.max_inflight_images
+        if self.images_in_flight + images > limit:
+            raise Busy(
+                f"{self.images_in_flight} images in progress, the limit is {limit}; retry later",
+                "overloaded",
+                self.settings.retry_after_s,
+            )
+        self.images_in_flight += images
+        try:
+            yield
+        finally:
+            self.images_in_flight -= images
+
+    @contextmanager
+    def phase(self, name: str, endpoint: str) -> Iterator[None]:
+        """Time a request's `preprocess` or `postprocess` phase into its histogram."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.phases[name].labels(endpoint).observe(time.perf_counter() - started)
+
     async def close(self) -> None:
         """Stop taking work, finish what is queued, release threads."""
         self.ready = False
@@ -72,8 +116,9 @@ class Runtime:
         self.pool.shutdown(wait=True)
 
     # -- the steps handlers compose --
-    async def images(self, blobs: list[bytes]) -> np.ndarray:
-        return await decode_images(self.model, blobs, self.settings.max_image_pixels, self.pool)
+    async def images(self, parsed: Parsed) -> np.ndarray:
+        """A request's images as the encoder takes them (decoded in the pool, or checked)."""
+        return await preprocess(self.model, parsed, self.settings.max_image_pixels, self.pool)
 
     async def encode(self, images: np.ndarray) -> np.ndarray:
         return await self.encoder.submit(images)

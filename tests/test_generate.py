@@ -119,10 +119,13 @@ async def test_bad_parameters_get_422():
     async with running(max_images_per_request=8) as client:
         responses = [await client.post("/generate", json=body) for body in BAD]
         good = await client.post("/generate", json={"n": 8, "temperature": 2, "seed": 2**64 - 1})
+        whole = await client.post("/generate", json={"n": 2.0, "seed": 5.0})  # JSON integers
+        same = await client.post("/generate", json={"n": 2, "seed": 5})
     for body, response in zip(BAD, responses, strict=True):
         assert response.status_code == 422, (body, response.text)
         assert response.json()["error"]["code"] == "invalid_parameter", body
     assert good.status_code == 200 and len(good.json()["images"]) == 8
+    assert whole.status_code == 200 and whole.json()["images"] == same.json()["images"]
 
 
 async def test_bad_bodies_get_4xx():

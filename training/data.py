@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.preprocessing import ImageDecodeError, ImageSpec, decode_rgb, resize_rgb
+from aecore.preprocessing import ImageDecodeError, ImageSpec, load_rgb8
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _images(folder: Path) -> list[Path]:
 
 def _read(path: Path, spec: ImageSpec) -> np.ndarray | None:
     try:
-        return resize_rgb(decode_rgb(path.read_bytes()), spec)
+        return load_rgb8(path.read_bytes(), spec)
     except (ImageDecodeError, OSError) as exc:
         log.warning("skipping unreadable image %s: %s", path, exc)
         return None
@@ -116,6 +116,26 @@ def load(
         paths=[str(files[i].relative_to(root)) for i in ok],
         skipped=skipped,
     )
+
+
+def load_listed(root: Path, paths: list[str], classes: list[str], spec: ImageSpec) -> ImageSet:
+    """The images a split file lists (paths relative to `root`, class = first folder)."""
+    files = [Path(root) / p for p in paths]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} file(s) of the recorded split are gone, e.g. {missing[0]}; "
+            "a model's validation images must be the ones it was trained beside"
+        )
+    flat = classes == [FLAT_CLASS]
+    labels = [0 if flat else classes.index(Path(p).parts[0]) for p in paths]
+    images = np.empty((len(files), *spec.shape), np.uint8)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # cv2 releases the GIL
+        for row, image in enumerate(pool.map(lambda p: _read(p, spec), files)):
+            if image is None:
+                raise DataError(f"{files[row]} of the recorded split can no longer be read")
+            images[row] = image
+    return ImageSet(images, np.asarray(labels, np.int64), classes, list(paths))
 
 
 def stratified_split(

@@ -14,7 +14,7 @@ from service.dependencies import RuntimeDep, require_api_key
 from service.handlers.common import model_ref
 from service.inputs import media_type, read_json, wants_npy
 from service.responses import FastJSON, npy_response
-from service.schemas import GenerateJson, GenerateResponse, request_body, responses
+from service.schemas import ErrorBody, GenerateJson, GenerateResponse, request_body, responses
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -33,7 +33,10 @@ _FIELDS = {"n", "seed", "temperature", "class"}
     "`Accept: application/x-npy` returns float32 [N, H, W, 3] in [0, 1]. "
     "A model without a generation density answers 409 `not_supported`.",
     response_model=None,
-    responses=responses(GenerateResponse, npy=True),
+    responses={
+        **responses(GenerateResponse, npy=True),
+        409: {"model": ErrorBody, "description": "the model has no generation density"},
+    },
     openapi_extra=request_body(GenerateJson, multipart=False),
 )
 async def generate(request: Request, runtime: RuntimeDep):
@@ -62,25 +65,38 @@ async def generate(request: Request, runtime: RuntimeDep):
         )
 
     latents, labels = density.sample(n, seed, temperature, class_name)
-    images = await runtime.decode(latents)
-    runtime.count("generate", len(images))
-    if wants_npy(request):
-        return npy_response(images)
-    return FastJSON(
-        {
-            "model": model_ref(runtime),
-            "seed": seed,
-            "temperature": temperature,
-            "classes": [density.classes[k] for k in labels],
-            "images": await runtime.pngs(images),
-            "latents": latents,
-        }
-    )
+    with runtime.admit(n):
+        images = await runtime.decode(latents)
+        runtime.count("generate", len(images))
+        with runtime.phase("postprocess", "generate"):
+            if wants_npy(request):
+                return npy_response(images)
+            return FastJSON(
+                {
+                    "model": model_ref(runtime),
+                    "seed": seed,
+                    "temperature": temperature,
+                    "classes": [density.classes[k] for k in labels],
+                    "images": await runtime.pngs(images),
+                    "latents": latents,
+                }
+            )
+
+
+def _whole(value: Any) -> int | None:
+    """An int, or a float with no fractional part (JSON Schema's integers include 2.0)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) else None
 
 
 def _n(value: Any, limit: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    whole = _whole(value)
+    if whole is None or whole < 1:
         raise errors.InvalidParameter(f"`n` must be a whole number of at least 1, got {value!r}")
+    value = whole
     if value > limit:
         raise errors.InvalidParameter(f"n={value} is above the limit of {limit} images")
     return value
@@ -89,11 +105,12 @@ def _n(value: Any, limit: int) -> int:
 def _seed(value: Any) -> int:
     if value is None:  # below 2^53, so that JavaScript clients read it back exactly
         return secrets.randbelow(2**53)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+    whole = _whole(value)
+    if whole is None or not 0 <= whole <= MAX_SEED:
         raise errors.InvalidParameter(
             f"`seed` must be a whole number from 0 to 2^64-1, got {value!r}"
         )
-    return value
+    return whole
 
 
 def _temperature(value: Any) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.dependencies import RuntimeDep, require_api_key, require_metrics_key
 from service.errors import error_response
@@ -51,6 +51,4 @@ async def model_card(runtime: RuntimeDep):
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: KEYED_ERRORS[401]},
 )
 async def metrics(request: Request) -> Response:
-    return Response(
-        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
