@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ModelRef(BaseModel):
@@ -29,6 +29,28 @@ class InterpolateJson(BaseModel):
     latents: list[list[float]] | None = Field(None, description="instead of images")
     steps: int | None = Field(None, ge=0, description="K: K+2 images from a to b, ends included")
     weights: list[float] | None = Field(None, description="non-negative, summing to 1")
+
+
+class GenerateJson(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    n: int = Field(1, ge=1, description="images to generate, at most AE_MAX_IMAGES_PER_REQUEST")
+    seed: int | None = Field(
+        None, ge=0, le=2**64 - 1, description="same seed, same images; default: drawn"
+    )
+    temperature: float = Field(1.0, gt=0, le=2, description="spread around the class mean")
+    class_: str | None = Field(
+        None, alias="class", description="one of the model's classes; default: drawn per image"
+    )
+
+
+class GenerateResponse(BaseModel):
+    model: ModelRef
+    seed: int = Field(description="the seed used: send it again for the same images")
+    temperature: float
+    classes: list[str] = Field(description="the class of each image")
+    images: list[str] = Field(description="base64 PNGs")
+    latents: list[list[float]]
 
 
 class EncodeResponse(BaseModel):

@@ -341,6 +341,56 @@ def test_api_key_prompt_cancelled_says_so(new_page, keyed_server):
     assert "needs an API key" in message and "HTTP 401" in message
 
 
+def test_generate_section_shows_the_served_images_again_for_a_seed(new_page, server):
+    page = new_page()
+    page.goto(server + "/")
+    card = httpx.get(f"{server}/model", timeout=10).json()
+    classes = card["generation"]["classes"]
+    page.wait_for_selector("#model-card[data-state='done']")
+    assert page.eval_on_selector_all("#gen-class option", "els => els.map(e => e.value)") == [
+        "",
+        *classes,
+    ]
+
+    page.select_option("#gen-class", classes[2])
+    page.fill("#gen-temperature", "0.5")
+    assert page.inner_text("#gen-temperature-value") == "0.5"
+    page.fill("#gen-seed", "7")
+    page.fill("#gen-n", "4")
+    page.click("#generate")
+    page.wait_for_selector("#gen-strip[data-state='done'][data-count='4']")
+    request = {"n": 4, "seed": 7, "temperature": 0.5, "class": classes[2]}
+    served = httpx.post(f"{server}/generate", json=request, timeout=60).json()
+    shown = page.eval_on_selector_all("#gen-strip img", "els => els.map(e => e.src)")
+    assert shown == [f"data:image/png;base64,{b}" for b in served["images"]]
+    assert _natural_widths(page, "#gen-strip img") == [card["input"]["width"]] * 4
+    captions = page.eval_on_selector_all(
+        "#gen-strip figcaption", "els => els.map(e => e.textContent)"
+    )
+    assert all(c.startswith(classes[2]) for c in captions)
+    assert "seed 7" in page.inner_text("#gen-hint")
+
+    # No seed: one is drawn, shown, and reproduces the same images.
+    page.fill("#gen-seed", "")
+    page.select_option("#gen-class", "")
+    page.click("#generate")
+    page.wait_for_function(
+        "() => { const s = document.querySelector('#gen-strip');"
+        " return s.dataset.state === 'done' && s.dataset.seed !== '7'; }"
+    )
+    seed = int(page.get_attribute("#gen-strip", "data-seed"))
+    again = httpx.post(f"{server}/generate", json={"n": 4, "seed": seed, "temperature": 0.5})
+    shown = page.eval_on_selector_all("#gen-strip img", "els => els.map(e => e.src)")
+    assert shown == [f"data:image/png;base64,{b}" for b in again.json()["images"]]
+
+    # The server's limit comes back as a readable error.
+    page.fill("#gen-n", "500")
+    page.click("#generate")
+    page.wait_for_selector("#gen-strip[data-state='error']", state="attached")
+    message = page.locator("#errors .error-message").last.inner_text()
+    assert message.startswith("Generate: ") and "HTTP 422" in message and "limit" in message
+
+
 # ---------------------------------------------------------------------------------------------
 # The routes, in process (no browser needed). While this module's Playwright (sync API) is
 # alive it holds an event loop in the main thread, so these run their own loop in a thread.

@@ -1,4 +1,4 @@
-"""`python -m training {train,export,evaluate,summary}`."""
+"""`python -m training {train,export,evaluate,evaluate-anomaly,add-generator,summary}`."""
 
 from __future__ import annotations
 
@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--run", required=True, help="its training run (for the train/val split)")
     a.add_argument("--target-fpr", type=float, default=0.01)
     a.add_argument("--scorer", default="combined", help="the default scorer to record")
+
+    g = sub.add_parser(
+        "add-generator",
+        help="publish a model's next version with a generation density and the linear probe",
+    )
+    g.add_argument("--model", required=True, help="model folder, e.g. models/intel-scenes/1")
+    g.add_argument("--data", required=True, help="the image folder it was trained on")
+    g.add_argument("--version", type=int, help="default: the next free version")
 
     s = sub.add_parser("summary", help="print the Keras summaries of an architecture")
     s.add_argument("--arch", default="seed")
@@ -147,6 +155,14 @@ def _evaluate_anomaly(args) -> int:
     return 0
 
 
+def _add_generator(args) -> int:
+    from training.generation import add_generator
+
+    folder = add_generator(Path(args.model), Path(args.data), args.version)
+    print((folder / "report" / "report.md").read_text())
+    return 0
+
+
 def _summary(args) -> int:
     from training.architectures import build
 
@@ -163,5 +179,6 @@ COMMANDS = {
     "export": _export,
     "evaluate": _evaluate,
     "evaluate-anomaly": _evaluate_anomaly,
+    "add-generator": _add_generator,
     "summary": _summary,
 }

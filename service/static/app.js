@@ -347,6 +347,53 @@ async function interpolate(mode) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Generation: POST /generate with class, temperature, seed and count.
+
+function setUpGenerate(card) {
+  const select = $("gen-class");
+  const classes = (card.generation && card.generation.classes) || [];
+  select.textContent = "";
+  select.append(el("option", { value: "", text: "any" }));
+  for (const name of classes) select.append(el("option", { value: name, text: name }));
+  $("generate").disabled = classes.length === 0;
+  if (classes.length === 0) $("gen-hint").textContent = "This model has no generation density.";
+}
+
+let generationRun = 0;
+
+async function generate() {
+  const run = ++generationRun;
+  const request = {
+    n: Number($("gen-n").value),
+    temperature: Number($("gen-temperature").value),
+  };
+  if ($("gen-class").value) request.class = $("gen-class").value;
+  if ($("gen-seed").value.trim() !== "") request.seed = Number($("gen-seed").value);
+  const strip = $("gen-strip");
+  strip.dataset.state = "pending";
+  try {
+    // A Blob's type becomes the request's Content-Type.
+    const body = new Blob([JSON.stringify(request)], { type: "application/json" });
+    const reply = await api("/generate", { method: "POST", body });
+    if (run !== generationRun) return; // a newer request replaced this one
+    strip.textContent = "";
+    reply.images.forEach((image, i) => {
+      strip.append(figure(png(image), `${reply.classes[i]} ${i + 1}`, "generated"));
+    });
+    $("gen-hint").textContent = `seed ${reply.seed}: send it again for the same images.`;
+    strip.dataset.seed = String(reply.seed);
+    strip.dataset.count = String(reply.images.length);
+    strip.dataset.state = "done";
+  } catch (err) {
+    if (run !== generationRun) return;
+    strip.textContent = "";
+    delete strip.dataset.count;
+    strip.dataset.state = "error";
+    showError("Generate", err);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Model card: GET /model and the report figures.
 
 function cardRow(list, term, value) {
@@ -377,6 +424,7 @@ async function loadModel() {
     cardRow(list, "anomaly", `${anomaly.scorer || "—"} > ${fmt(anomaly.threshold)}`);
     cardRow(list, "providers", (card.providers || []).join(", ") || "—");
     if (card.created) cardRow(list, "created", String(card.created));
+    setUpGenerate(card);
     list.dataset.state = "done";
   } catch (err) {
     $("model-badge").textContent = "model card unavailable";
@@ -458,6 +506,10 @@ function setUp() {
   });
   $("interpolate").addEventListener("click", () => interpolate("path"));
   $("average").addEventListener("click", () => interpolate("average"));
+  $("gen-temperature").addEventListener("input", (event) => {
+    $("gen-temperature-value").textContent = event.target.value;
+  });
+  $("generate").addEventListener("click", generate);
   $("key-button").addEventListener("click", async () => {
     if (await askForKey("")) loadModel();
   });
