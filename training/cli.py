@@ -56,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--target-fpr", type=float, default=0.01)
     a.add_argument("--scorer", default="combined", help="the default scorer to record")
 
+    d = sub.add_parser("train-denoiser", help="train a denoiser (noisy in, clean target)")
+    d.add_argument("--data", required=True, help="image folder: <root>/<class>/*.jpg or flat")
+    d.add_argument("--out", required=True, help="run folder for checkpoints and history")
+    d.add_argument("--arch", default="denoiser")
+    d.add_argument("--width", type=int, default=16, help="channels at the first scale")
+    d.add_argument("--epochs", type=int, default=60)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--patch", type=int, default=96, help="training crop size (divisible by 16)")
+    d.add_argument("--learning-rate", type=float, default=1e-3)
+    d.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this")
+    d.add_argument("--seed", type=int, default=42)
+    d.add_argument("--resume", action="store_true", help="continue the run in --out")
+
     s = sub.add_parser("summary", help="print the Keras summaries of an architecture")
     s.add_argument("--arch", default="seed")
     s.add_argument("--latent-dim", type=int, default=1024)
@@ -147,6 +160,18 @@ def _evaluate_anomaly(args) -> int:
     return 0
 
 
+def _train_denoiser(args) -> int:
+    from training.denoise import DenoiseConfig, train_denoiser
+
+    fields = DenoiseConfig.__dataclass_fields__
+    config = DenoiseConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    run_dir = train_denoiser(config, resume=args.resume)
+    print(
+        f"run saved in {run_dir}; export it with: python -m training export-denoiser --run {run_dir}"
+    )
+    return 0
+
+
 def _summary(args) -> int:
     from training.architectures import build
 
@@ -163,5 +188,6 @@ COMMANDS = {
     "export": _export,
     "evaluate": _evaluate,
     "evaluate-anomaly": _evaluate_anomaly,
+    "train-denoiser": _train_denoiser,
     "summary": _summary,
 }
