@@ -16,15 +16,8 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -39,91 +32,29 @@ from bench.common import (
     table,
     write_json,
 )
+from tests.live import LiveServer, live_server
 
 CONCURRENCY = (1, 8, 32, 64)
 ENDPOINTS = ("encode", "reconstruct")
 MODES = {"on": {}, "off": {"AE_MAX_BATCH_SIZE": "1"}}  # batching on = the service's defaults
 WARMUP_S = 1.5
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the server --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    base: str
-    proc: subprocess.Popen
-    log: Path
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the server process, all its threads."""
-        return _cpu(Path(f"/proc/{self.proc.pid}/stat"))
-
-    def thread_cpu_seconds(self) -> dict[int, float]:
-        """User + system CPU of each thread of the server, by native thread id."""
-        out = {}
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            with contextlib.suppress(OSError):  # a thread may end meanwhile
-                out[int(task.name)] = _cpu(task / "stat")
-        return out
-
-
-def _cpu(stat: Path) -> float:
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 @contextlib.contextmanager
-def server(
-    env: dict[str, str], ready_timeout: float = 120.0, argv: list[str] | None = None
-) -> Iterator[Server]:
-    """`python -m service` on a free loopback port, ready (model loaded and warmed up).
-
-    `argv` replaces `python -m service` (say, a script that patches the service, then runs it);
-    it is given `--host 127.0.0.1 --port P` too.
-    """
-    port = free_port()
+def server(env: dict[str, str], argv: list[str] | None = None) -> Iterator[LiveServer]:
+    """The service as bench measures it: the model it would serve, this environment's `AE_*`
+    settings, then `env`; `argv` replaces `python -m service` (e.g. a patched service)."""
     folder = model_folder()
-    full_env = {
-        **os.environ,
+    settings = {
+        **{k: v for k, v in os.environ.items() if k.startswith("AE_")},
         "AE_MODEL_DIR": str(folder.parent.parent),
         "AE_MODEL_NAME": folder.parent.name,
         "AE_MODEL_VERSION": folder.name,
         **env,
     }
-    with tempfile.NamedTemporaryFile("w+", prefix="bench-server-", suffix=".log") as log:
-        proc = subprocess.Popen(
-            [*(argv or [sys.executable, "-m", "service"]), "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        srv = Server(f"http://127.0.0.1:{port}", proc, Path(log.name))
-        try:
-            deadline = time.monotonic() + ready_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited:\n{srv.log.read_text()[-4000:]}")
-                try:
-                    if httpx.get(f"{srv.base}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server was not ready in {ready_timeout:g} s")
-                time.sleep(0.2)
-            yield srv
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    with live_server(settings, argv) as srv:
+        yield srv
 
 
 # -- /metrics ----------------------------------------------------------------------------------
@@ -188,7 +119,7 @@ def check_reply(endpoint: str, reply: httpx.Response) -> None:
 
 
 async def measure(
-    srv: Server,
+    srv: LiveServer,
     endpoint: str,
     concurrency: int,
     seconds: float,

@@ -20,7 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.load import Server, measure, run_loop, server
+from bench.common import REPO
+from bench.load import measure, run_loop, server
+from tests.live import LiveServer
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<where>[^()]*)\)$")
 
@@ -57,7 +59,7 @@ async def thread_names(pid: int) -> dict[int, str]:
     return names
 
 
-async def cpu_by_thread(srv: Server, seconds: float, into: dict) -> None:
+async def cpu_by_thread(srv: LiveServer, seconds: float, into: dict) -> None:
     """CPU of each server thread over `seconds`, grouped by Python thread name; threads that
     run no Python (onnxruntime's intra-op pool) are `native`."""
     names = await thread_names(srv.proc.pid)
@@ -109,7 +111,7 @@ def _short(frame: str) -> str:
     if not match:
         return frame
     where = match.group("where")
-    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+    for marker in ("site-packages/", f"{REPO}/", "lib/python3"):
         if marker in where:
             where = where.split(marker, 1)[1]
     return f"{match.group('func')} ({where.rsplit(':', 1)[0]})"

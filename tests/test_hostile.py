@@ -31,7 +31,7 @@ import pytest_asyncio
 from PIL import Image
 
 from aecore.preprocessing import declared_pixels, decode_rgb
-from tests.live import live_service
+from tests.live import live_server
 from tests.service_client import b64, metric, multipart, running
 
 # The async tests share one event loop, so the module's apps (and the model) load once.
@@ -839,8 +839,8 @@ def raw_exchange(base: str, head: bytes, chunks, pause_s: float = 0.0) -> tuple[
 
 @pytest.fixture(scope="module")
 def live():
-    with live_service(AE_MAX_BODY_BYTES=str(1024 * 1024)) as (base, proc):
-        yield base, proc
+    with live_server({"AE_MAX_BODY_BYTES": str(1024 * 1024)}) as server:
+        yield server.base, server.proc
 
 
 def test_live_body_over_the_limit_is_413_when_declared_slow_or_chunked(live, photo):
@@ -917,7 +917,8 @@ def test_live_memory_stays_flat_under_hostile_input(live, photo):
 
 def test_live_sigterm_drains_in_flight_requests_and_refuses_new_ones(photo):
     # The batcher waits up to 4 s for more rows, so one request is in flight for ~4 s.
-    with live_service(AE_MAX_QUEUE_DELAY_MS="4000") as (base, proc):
+    with live_server({"AE_MAX_QUEUE_DELAY_MS": "4000"}) as server:
+        base, proc = server.base, server.proc
         result: dict = {}
 
         def call() -> None:
@@ -941,8 +942,7 @@ def test_live_sigterm_drains_in_flight_requests_and_refuses_new_ones(photo):
             time.sleep(0.02)
         worker.join(timeout=60)
         code = proc.wait(timeout=60)
-        proc.log.seek(0)
-        log = proc.log.read()
+        log = server.output()
     assert refused_while_in_flight, "new connections were not refused while draining"
     reply = result["reply"]
     assert reply.status_code == 200 and len(reply.json()["latents"]) == 1

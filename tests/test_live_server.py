@@ -7,17 +7,17 @@ import signal
 import httpx
 import pytest
 
-from tests.live import live_service
+from tests.live import live_server
 
 
 @pytest.fixture
-def live_server():
-    with live_service(AE_MAX_QUEUE_DELAY_MS="20") as server:
+def server():
+    with live_server({"AE_MAX_QUEUE_DELAY_MS": "20"}) as server:
         yield server
 
 
-def test_curl_style_multipart_encode_and_clean_shutdown(live_server, scene_paths):
-    base, proc = live_server
+def test_curl_style_multipart_encode_and_clean_shutdown(server, scene_paths):
+    base, proc = server.base, server.proc
     with open(scene_paths[0], "rb") as fh:
         reply = httpx.post(
             f"{base}/encode", files={"images": (scene_paths[0].name, fh)}, timeout=30
@@ -31,8 +31,7 @@ def test_curl_style_multipart_encode_and_clean_shutdown(live_server, scene_paths
 
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
-    proc.log.seek(0)
-    output = proc.log.read()
+    output = server.output()
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports it.
     assert proc.returncode in (0, -signal.SIGTERM)
     assert "Finished server process" in output

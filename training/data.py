@@ -118,6 +118,26 @@ def load(
     )
 
 
+def load_listed(root: Path, paths: list[str], classes: list[str], spec: ImageSpec) -> ImageSet:
+    """The images a split file lists (paths relative to `root`, class = first folder)."""
+    files = [Path(root) / p for p in paths]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} file(s) of the recorded split are gone, e.g. {missing[0]}; "
+            "a model's validation images must be the ones it was trained beside"
+        )
+    flat = classes == [FLAT_CLASS]
+    labels = [0 if flat else classes.index(Path(p).parts[0]) for p in paths]
+    images = np.empty((len(files), *spec.shape), np.uint8)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # cv2 releases the GIL
+        for row, image in enumerate(pool.map(lambda p: _read(p, spec), files)):
+            if image is None:
+                raise DataError(f"{files[row]} of the recorded split can no longer be read")
+            images[row] = image
+    return ImageSet(images, np.asarray(labels, np.int64), classes, list(paths))
+
+
 def stratified_split(
     labels: np.ndarray, val_fraction: float, seed: int = 42
 ) -> tuple[np.ndarray, np.ndarray]:
