@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
-from service.handlers import anomaly, decode, encode, health, interpolate, reconstruct, ui
+from service.handlers import anomaly, decode, denoise, encode, health, interpolate, reconstruct, ui
 from service.limits import BodySizeLimit, InFlightLimit
 from service.metrics import Metrics
 from service.runtime import Runtime
@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.runtime = None
     errors.install(app)
-    for module in (encode, decode, reconstruct, anomaly, interpolate, health, ui):
+    for module in (encode, decode, reconstruct, anomaly, interpolate, denoise, health, ui):
         app.include_router(module.router)
     # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE).
     app.add_middleware(

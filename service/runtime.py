@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from aecore import manifest
+from aecore.denoiser import Denoiser
 from aecore.graphs import default_threads
 from service.batcher import Batcher
 from service.inputs import decode_images
@@ -33,6 +34,8 @@ class Runtime:
         )
         self.encoder: Batcher | None = None
         self.decoder: Batcher | None = None
+        self.denoiser: Denoiser | None = None
+        self.denoise_batcher: Batcher | None = None
 
     async def load(self) -> None:
         """Load and check the model folder, warm both graphs up, start the batchers."""
@@ -48,6 +51,7 @@ class Runtime:
             model.name, model.version, folder, model.providers, model.requested_providers,
             model.intra_op_threads, seconds,
         )  # fmt: skip
+        self.denoiser = await asyncio.to_thread(self._load_denoiser, model.requested_providers)
         common = dict(
             metrics=self.metrics,
             max_batch=s.max_batch_size,
@@ -60,26 +64,61 @@ class Runtime:
         self.decoder = Batcher("decoder", model.decode, **common)
         self.encoder.start()
         self.decoder.start()
+        if self.denoiser is not None:
+            self.denoise_batcher = Batcher("denoiser", self.denoiser.denoise, **common)
+            self.denoise_batcher.start()
         self.model = model
         self.ready = True
+
+    def _load_denoiser(self, providers: list[str]) -> Denoiser | None:
+        """AE_DENOISE_MODEL's highest version, warmed up; None when unset or not installed.
+
+        A folder that is there but does not declare the `denoise` task stops start-up
+        (ModelFolderError): that is a configuration mistake, not a missing option.
+        """
+        s = self.settings
+        if not s.denoise_model:
+            return None
+        try:
+            folder = manifest.resolve(s.model_dir, s.denoise_model)
+        except manifest.ModelFolderError as exc:
+            log.warning("no denoiser: %s; /denoise answers 404", exc)
+            return None
+        denoiser = Denoiser(folder, providers, s.intra_op_threads)
+        for n in (1, s.max_batch_size):
+            denoiser.denoise(np.zeros((n, *denoiser.spec.shape), np.float32))
+        log.info("loaded denoiser %s v%s from %s", denoiser.name, denoiser.version, folder)
+        return denoiser
+
+    def denoiser_card(self) -> dict | None:
+        """What GET /model says about the denoiser: its name, version and manifest."""
+        if self.denoiser is None:
+            return None
+        return {**self.denoiser.manifest, "providers": self.denoiser.providers}
 
     async def close(self) -> None:
         """Stop taking work, finish what is queued, release threads."""
         self.ready = False
-        for batcher in (self.encoder, self.decoder):
+        for batcher in (self.encoder, self.decoder, self.denoise_batcher):
             if batcher is not None:
                 await batcher.stop()
         self.pool.shutdown(wait=True)
 
     # -- the steps handlers compose --
-    async def images(self, blobs: list[bytes]) -> np.ndarray:
-        return await decode_images(self.model, blobs, self.settings.max_image_pixels, self.pool)
+    async def images(self, blobs: list[bytes], model=None) -> np.ndarray:
+        """Preprocessed images for `model` (default: the autoencoder)."""
+        return await decode_images(
+            model or self.model, blobs, self.settings.max_image_pixels, self.pool
+        )
 
     async def encode(self, images: np.ndarray) -> np.ndarray:
         return await self.encoder.submit(images)
 
     async def decode(self, latents: np.ndarray) -> np.ndarray:
         return await self.decoder.submit(latents)
+
+    async def denoise(self, images: np.ndarray) -> np.ndarray:
+        return await self.denoise_batcher.submit(images)
 
     async def reconstruct(self, images: np.ndarray) -> np.ndarray:
         return await self.decode(await self.encode(images))

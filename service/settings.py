@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     model_dir: Path = Path("models")
     model_name: str = "intel-scenes"
     model_version: int | None = Field(default=None, gt=0)
+    # The denoiser served beside it at /denoise: models/<name>/<highest version>; "" disables.
+    denoise_model: str = "intel-scenes-denoise"
 
     # Execution providers in priority order, comma-separated (e.g. "CUDAExecutionProvider,
     # CPUExecutionProvider"). Empty: CUDA when this onnxruntime build has it, then CPU.

@@ -166,9 +166,7 @@ def denoiser(width: int = 16) -> keras.Model:
     makes it fast on a CPU while the receptive field still spans most of a 128x128 image.
     """
     inputs = keras.Input((None, None, 3), name="image")
-    s1 = layers.Conv2D(width, 2, strides=2, activation="relu", kernel_initializer="he_normal")(
-        inputs
-    )  # H/2
+    s1 = layers.Conv2D(width, 2, strides=2)(inputs)  # H/2, linear so nothing is lost
     s2 = _residual(_conv(2 * width, strides=2)(s1), 2 * width)  # H/4
     s3 = _residual(_conv(4 * width, strides=2)(s2), 4 * width)  # H/8
     x = _residual(_conv(8 * width, strides=2)(s3), 8 * width)  # H/16
@@ -176,7 +174,11 @@ def denoiser(width: int = 16) -> keras.Model:
     x = _residual(layers.Add()([_up(4 * width)(x), s3]), 4 * width)  # H/8
     x = _residual(layers.Add()([_up(2 * width)(x), s2]), 2 * width)  # H/4
     x = _conv(width)(layers.Add()([_up(width)(x), s1]))  # H/2
-    correction = layers.Conv2DTranspose(3, 2, strides=2, name="correction")(x)  # H
+    # Zero-initialised, so training starts from the identity: with a random last layer the
+    # network spent its first epochs cancelling its own output and stalled there.
+    correction = layers.Conv2DTranspose(
+        3, 2, strides=2, kernel_initializer="zeros", name="correction"
+    )(x)  # H
     # ReLU capped at 1 is a clip to [0, 1] that exports as one ONNX op.
     cleaned = layers.ReLU(max_value=1.0, name="cleaned")(layers.Add()([inputs, correction]))
     return keras.Model(inputs, cleaned, name="denoiser")

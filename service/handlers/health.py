@@ -40,7 +40,13 @@ async def readyz(request: Request):
     responses=KEYED_ERRORS,
 )
 async def model_card(runtime: RuntimeDep):
-    return FastJSON({**runtime.model.describe(), "batching": runtime.batching()})
+    return FastJSON(
+        {
+            **runtime.model.describe(),
+            "batching": runtime.batching(),
+            "denoiser": runtime.denoiser_card(),  # null when /denoise has no model
+        }
+    )
 
 
 @router.get(
