@@ -11,9 +11,10 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from aecore import manifest
 from aecore.preprocessing import ImageSpec, encode_png, load_image, to_uint8
+from service.app import create_app
 from tests.conftest import DEFAULT_MODEL_DIR
 from tests.live import live_server
-from tests.service_client import b64, multipart, npy, png_pixels, running
+from tests.service_client import b64, multipart, npy, png_pixels, running, settings
 
 NPY = "application/x-npy"
 SPEC = ImageSpec()
@@ -141,3 +142,21 @@ def test_denoise_over_real_http(scene_bytes):
     assert response.status_code == 200
     cleaned = png_pixels(response.json()["images"][0])
     assert psnr(clean, cleaned) > psnr(clean, png_pixels(b64(noisy))) + 3.0
+
+
+async def test_denoise_needs_the_api_key_when_one_is_set(scene_bytes):
+    body = {"images": [b64(scene_bytes[0])]}
+    async with running(api_key="denoise-key-1") as client:
+        without = await client.post("/denoise", json=body)
+        wrong = await client.post("/denoise", json=body, headers={"X-API-Key": "nope"})
+        keyed = await client.post("/denoise", json=body, headers={"X-API-Key": "denoise-key-1"})
+    assert without.status_code == wrong.status_code == 401
+    assert without.json()["error"]["code"] == "unauthorized"
+    assert keyed.status_code == 200
+
+
+def test_openapi_documents_denoise():
+    operation = create_app(settings()).openapi()["paths"]["/denoise"]["post"]
+    assert {"200", "400", "401", "404", "413", "415", "422"} <= set(operation["responses"])
+    assert "application/x-npy" in operation["responses"]["200"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(operation["requestBody"]["content"])

@@ -99,6 +99,7 @@ def export_denoiser(
             "epochs": len(history),
             "wall_seconds": round(sum(seconds), 1),
             "best_val_loss": min((r["val_loss"] for r in history if "val_loss" in r), default=None),
+            "final_learning_rate": history[-1].get("learning_rate") if history else None,
         },
         "metrics": {"onnx_parity_max_abs": parity_max},
         "evaluation": evaluation,
