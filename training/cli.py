@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--model", required=True, help="e.g. models/intel-scenes-denoise/1")
     w.add_argument("--data", required=True, help="the folder it was trained on (split as recorded)")
-    w.add_argument("--report-dir", help="write report.md and grid.png here")
+    w.add_argument("--report-dir", help="write report.md and grid.jpg here")
     _evaluation_options(w)
 
     s = sub.add_parser("summary", help="print the Keras summaries of an architecture")
@@ -227,7 +227,7 @@ def _evaluate_denoiser(args) -> int:
     )
     if args.report_dir:
         report_dir = Path(args.report_dir)
-        denoise_eval.picture_grid(examples, report_dir / "grid.png")
+        denoise_eval.picture_grid(examples, report_dir / "grid.jpg")
         body = {**body, "evaluation": evaluation}
         (report_dir / "report.md").write_text(denoise_eval.report_markdown(body))
     print(json.dumps(evaluation, indent=2))

@@ -180,6 +180,10 @@ def evaluate(
     }, examples
 
 
+def _mse(value: float | None) -> str:
+    return "—" if value is None else f"{value:.5f}"
+
+
 def _summarise(rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
     return {
         m: {"psnr": round(float(psnr.mean()), 2), "ssim": round(float(ssim.mean()), 4)}
@@ -187,7 +191,7 @@ def _summarise(rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict
     }
 
 
-def picture_grid(examples: dict[int, dict[str, np.ndarray]], path: Path, rows: int = 3) -> Path:
+def picture_grid(examples: dict[int, dict[str, np.ndarray]], path: Path, rows: int = 2) -> Path:
     """Per sigma, `rows` held-out images: noisy, each method, clean (PSNR under each)."""
     import matplotlib
 
@@ -218,7 +222,7 @@ def picture_grid(examples: dict[int, dict[str, np.ndarray]], path: Path, rows: i
                     ax.set_ylabel(f"sigma {sigma}", fontsize=8)
     fig.tight_layout(pad=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, pil_kwargs={"quality": 85})  # JPEG: photos, small in the repo
     plt.close(fig)
     return path
 
@@ -254,7 +258,7 @@ def report_markdown(body: dict) -> str:
         "",
         f"A residual U-Net denoiser trained on `{t['data']}` ({t['train_images']} training images, "
         f"{t['epochs']} epochs of {t['patch']}x{t['patch']} random crops, "
-        f"{t['wall_seconds'] / 60:.0f} min on CPU); best validation MSE {t['best_val_loss']} "
+        f"{t['wall_seconds'] / 60:.0f} min on CPU); best validation MSE {_mse(t['best_val_loss'])} "
         "on the training noise mix. ONNX parity (max abs, Keras vs onnxruntime): "
         f"{body['metrics']['onnx_parity_max_abs']:.2e}.",
         "",
@@ -298,6 +302,6 @@ def report_markdown(body: dict) -> str:
         ),
         "## Examples (held-out images; PSNR under each)",
         "",
-        "![noisy, each method, clean](grid.png)",
+        "![noisy, each method, clean](grid.jpg)",
     ]
     return "\n".join(lines) + "\n"

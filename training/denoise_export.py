@@ -104,7 +104,7 @@ def export_denoiser(
         "metrics": {"onnx_parity_max_abs": parity_max},
         "evaluation": evaluation,
     }
-    denoise_eval.picture_grid(examples, staging / "report" / "grid.png")
+    denoise_eval.picture_grid(examples, staging / "report" / "grid.jpg")
     (staging / "report" / "report.md").write_text(denoise_eval.report_markdown(body))
     manifest.write(staging, body)
     return manifest.publish(staging, model_root, version)
