@@ -8,15 +8,11 @@ Importing this module never pulls in TensorFlow or onnxruntime.
 from __future__ import annotations
 
 import io
-import os
 import re
 import struct
 from dataclasses import dataclass
 
-# OpenCV's own guard against decompression bombs; must be set before cv2 is imported.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 26))
-
-import cv2
+import cv2  # OpenCV's own pixel guard is set in aecore/__init__.py, before any cv2 import
 import imagesize
 import numpy as np
 
@@ -206,8 +202,9 @@ def load_image(data: bytes, spec: ImageSpec, max_pixels: int | None = None) -> n
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Decoder output in [0, 1] -> uint8, rounded and clipped."""
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    """Decoder output in [0, 1] -> uint8, rounded and clipped (NaN, from latents far outside
+    anything the encoder produces, becomes 0)."""
+    return np.clip(np.rint(np.nan_to_num(image * 255.0)), 0, 255).astype(np.uint8)
 
 
 def encode_png(image: np.ndarray) -> bytes:

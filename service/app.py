@@ -12,10 +12,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors
+from service import errors, openapi
 from service.handlers import anomaly, decode, denoise, encode, health, interpolate, reconstruct, ui
-from service.limits import BodySizeLimit, InFlightLimit
+from service.limits import Admission, BodySizeLimit
 from service.metrics import Metrics
+from service.request_id import RequestId
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
 
@@ -109,12 +110,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.runtime = None
     errors.install(app)
+    openapi.install(app, settings)
     for module in (encode, decode, reconstruct, anomaly, interpolate, denoise, health, ui):
         app.include_router(module.router)
-    # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE).
+    # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE),
+    # and their bodies in bytes (AE_MAX_INFLIGHT_BYTES).
     app.add_middleware(
-        InFlightLimit, limit=settings.max_queue_size, retry_after_s=settings.retry_after_s
+        Admission,
+        max_requests=settings.max_queue_size,
+        max_bytes=settings.max_inflight_bytes,
+        retry_after_s=settings.retry_after_s,
     )
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestId)  # outermost: every log line of the request carries its id
     return app

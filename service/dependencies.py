@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
-from service.errors import Overloaded, Unauthorized
+from service.errors import Unauthorized, Unavailable
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -23,7 +23,11 @@ def get_runtime(request: Request) -> Runtime:
     runtime: Runtime | None = request.app.state.runtime
     settings: Settings = request.app.state.settings
     if runtime is None or not runtime.ready:
-        raise Overloaded("the model is loading; retry shortly", "not_ready", settings.retry_after_s)
+        raise Unavailable(
+            "the model is not loaded, or the server is shutting down; retry shortly",
+            "not_ready",
+            settings.retry_after_s,
+        )
     return runtime
 
 

@@ -42,6 +42,18 @@ class Metrics:
         self.queue_depth = Gauge(
             "ae_queue_depth", "Images waiting in the batching queue", ["part"], registry=r
         )
+        # Per phase, as KServe reports them: decoding requests into tensors, and turning
+        # outputs into the response (PNG, .npy, JSON). Inference is ae_inference_duration.
+        self.phases = {
+            phase: Histogram(
+                f"ae_{phase}_seconds",
+                f"Time per request spent in {phase}",
+                ["endpoint"],
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            )
+            for phase in ("preprocess", "postprocess")
+        }
         self.images = Counter(
             "ae_images", "Images or latents processed, by endpoint", ["endpoint"], registry=r
         )

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -13,7 +16,8 @@ from aecore import manifest
 from aecore.denoiser import Denoiser
 from aecore.graphs import default_threads
 from service.batcher import Batcher
-from service.inputs import decode_images
+from service.errors import Busy
+from service.inputs import Parsed, preprocess
 from service.metrics import Metrics
 from service.model import AutoencoderModel
 from service.settings import Settings
@@ -26,7 +30,8 @@ class Runtime:
         self.settings = settings
         self.metrics = metrics
         self.model: AutoencoderModel | None = None
-        self.ready = False
+        self._ready = False
+        self.images_in_flight = 0
         # OpenCV releases the GIL, so decoding and PNG encoding scale over threads.
         self.pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads or max(2, default_threads()),
@@ -70,6 +75,42 @@ class Runtime:
         self.model = model
         self.ready = True
 
+    @property
+    def ready(self) -> bool:
+        """Loaded, not shutting down, and both batching workers healthy."""
+        batchers = (self.encoder, self.decoder)
+        denoiser_ok = self.denoise_batcher is None or self.denoise_batcher.healthy
+        return self._ready and denoiser_ok and all(b is not None and b.healthy for b in batchers)
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+
+    @contextmanager
+    def admit(self, images: int) -> Iterator[None]:
+        """Hold `images` places of AE_MAX_INFLIGHT_IMAGES while a request works on them."""
+        limit = self.settings.max_inflight_images
+        if self.images_in_flight + images > limit:
+            raise Busy(
+                f"{self.images_in_flight} images in progress, the limit is {limit}; retry later",
+                "overloaded",
+                self.settings.retry_after_s,
+            )
+        self.images_in_flight += images
+        try:
+            yield
+        finally:
+            self.images_in_flight -= images
+
+    @contextmanager
+    def phase(self, name: str, endpoint: str) -> Iterator[None]:
+        """Time a request's `preprocess` or `postprocess` phase into its histogram."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.phases[name].labels(endpoint).observe(time.perf_counter() - started)
+
     def _load_denoiser(self, providers: list[str]) -> Denoiser | None:
         """AE_DENOISE_MODEL's highest version, warmed up; None when unset or not installed.
 
@@ -105,10 +146,10 @@ class Runtime:
         self.pool.shutdown(wait=True)
 
     # -- the steps handlers compose --
-    async def images(self, blobs: list[bytes], model=None) -> np.ndarray:
-        """Preprocessed images for `model` (default: the autoencoder)."""
-        return await decode_images(
-            model or self.model, blobs, self.settings.max_image_pixels, self.pool
+    async def images(self, parsed: Parsed, model=None) -> np.ndarray:
+        """A request's images as `model` (default: the autoencoder) takes them."""
+        return await preprocess(
+            model or self.model, parsed, self.settings.max_image_pixels, self.pool
         )
 
     async def encode(self, images: np.ndarray) -> np.ndarray:

@@ -30,14 +30,19 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, gt=0)
     # 0: a batch is whatever queued while the previous one ran; no request waits for company.
     max_queue_delay_ms: float = Field(default=0.0, ge=0)
-    max_queue_size: int = Field(default=512, gt=0)  # images waiting per graph before 503
-    queue_timeout_s: float = Field(default=30.0, gt=0)  # a request waiting longer gets 503
+    max_queue_size: int = Field(default=512, gt=0)  # images waiting per graph before 429
+    queue_timeout_s: float = Field(default=30.0, gt=0)  # a request waiting longer gets 429
     retry_after_s: int = Field(default=1, ge=0)
 
     # Request limits, checked before any image is decoded.
     max_images_per_request: int = Field(default=64, gt=0)
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=4096 * 4096, gt=0)
+    # Admission, sized so that the worst case fits the 4 GiB the Kubernetes manifest gives a
+    # pod (docs/api.md, "Limits and memory"): request bodies in flight, streaming ones
+    # included, and decoded images in flight (about 0.6 MiB each at 128x128).
+    max_inflight_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_inflight_images: int = Field(default=512, gt=0)
     max_interpolation_steps: int = Field(default=62, ge=0)
     decode_threads: int | None = Field(default=None, gt=0)  # image decode/encode thread pool
 

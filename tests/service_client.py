@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
-from contextlib import asynccontextmanager
+import threading
+import time
+from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 import numpy as np
+import pytest
 
 from aecore.preprocessing import decode_rgb
 from service.app import create_app
@@ -53,3 +57,37 @@ def metric(text: str, name: str, **labels: str) -> float:
         if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+@contextmanager
+def stalled_inference(runtime, part: str = "encoder"):
+    """Hold every engine call of the graph until the block exits (a gated `run` injected)."""
+    release = threading.Event()
+    batcher = getattr(runtime, part)
+    run = batcher.run
+
+    def gated(rows):
+        release.wait(60)
+        return run(rows)
+
+    batcher.run = gated
+    try:
+        yield
+    finally:
+        release.set()
+        batcher.run = run
+
+
+def batches_taken(runtime, part: str = "encoder") -> float:
+    """How many queued items the worker has taken so far (observed when a batch starts)."""
+    value = runtime.metrics.registry.get_sample_value("ae_queue_wait_seconds_count", {"part": part})
+    return value or 0.0
+
+
+async def wait_until(condition, what: str, limit_s: float = 20.0) -> None:
+    """Synchronisation, not a timing assertion: wait for a server-side state to be reached."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"never reached: {what}")
+        await asyncio.sleep(0.01)

@@ -157,6 +157,6 @@ async def test_denoise_needs_the_api_key_when_one_is_set(scene_bytes):
 
 def test_openapi_documents_denoise():
     operation = create_app(settings()).openapi()["paths"]["/denoise"]["post"]
-    assert {"200", "400", "401", "404", "413", "415", "422"} <= set(operation["responses"])
+    assert {"200", "400", "404", "413", "415", "422"} <= set(operation["responses"])
     assert "application/x-npy" in operation["responses"]["200"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(operation["requestBody"]["content"])

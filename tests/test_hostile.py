@@ -3,7 +3,7 @@
 Most cases go through the ASGI app in-process with its lifespan run (one app per module, so
 the model loads once); body limits, memory and shutdown are also checked against a live
 uvicorn on loopback. Every refused request must get the contract's JSON error body
-(`{"error": {"code", "message"}}`) with a 4xx status (503 + Retry-After for overload), and
+(`{"error": {"code", "message"}}`) with a 4xx status (429 + Retry-After when busy), and
 the server must keep answering afterwards.
 """
 
@@ -20,7 +20,6 @@ import struct
 import threading
 import time
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -32,7 +31,15 @@ from PIL import Image
 
 from aecore.preprocessing import declared_pixels, decode_rgb
 from tests.live import live_server
-from tests.service_client import b64, metric, multipart, running
+from tests.service_client import (
+    b64,
+    batches_taken,
+    metric,
+    multipart,
+    running,
+    stalled_inference,
+    wait_until,
+)
 
 # The async tests share one event loop, so the module's apps (and the model) load once.
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -361,8 +368,10 @@ MALFORMED = [  # (path, Content-Type, body, status, code)
     ("/encode", None, b'{"images": []}', 415, "unsupported_media_type"),
     ("/encode", "text/plain", b'{"images": []}', 415, "unsupported_media_type"),
     ("/encode", "application/xml", b"<images/>", 415, "unsupported_media_type"),
-    ("/encode", "image/jpeg", b"\xff\xd8\xff", 415, "unsupported_media_type"),
-    ("/encode", NPY, b"\x93NUMPY", 415, "unsupported_media_type"),  # only /decode takes .npy
+    ("/encode", "image/jpeg", b"\xff\xd8\xff", 400, "invalid_image"),  # a raw body, truncated
+    ("/encode", "image/png", b"", 422, "invalid_request"),
+    ("/decode", "image/jpeg", b"\xff\xd8\xff", 415, "unsupported_media_type"),
+    ("/encode", NPY, b"\x93NUMPY", 422, "invalid_tensor"),  # a .npy of images, broken
     ("/decode", f"{MULTIPART}; boundary=x", b"--x--", 422, "invalid_latents"),
     ("/encode", MULTIPART, b"no boundary", 400, None),
     ("/encode", f"{MULTIPART}; boundary=b", b"--b\r\nbad", 422, "invalid_request"),
@@ -653,40 +662,13 @@ async def test_a_non_ascii_key_sent_as_utf8_is_accepted():
 # ------------------------------------------------------------------ overload, deadlines, shutdown
 
 
-@contextmanager
-def stalled_inference(runtime, part: str = "encoder"):
-    """Hold the graph's single inference thread until the block exits."""
-    release = threading.Event()
-    batcher = getattr(runtime, part)
-    batcher._executor.submit(release.wait, 60)
-    try:
-        yield
-    finally:
-        release.set()
-
-
-def batches_taken(runtime, part: str = "encoder") -> float:
-    """How many queued items the worker has taken so far (observed when a batch starts)."""
-    value = runtime.metrics.registry.get_sample_value("ae_queue_wait_seconds_count", {"part": part})
-    return value or 0.0
-
-
-async def wait_until(condition, what: str, limit_s: float = 20.0) -> None:
-    """Synchronisation, not a timing assertion: wait for a server-side state to be reached."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"never reached: {what}")
-        await asyncio.sleep(0.01)
-
-
 @module_loop
-async def test_a_request_waiting_past_the_queue_deadline_is_503(photo):
+async def test_a_request_waiting_past_the_queue_deadline_is_429(photo):
     async with running(queue_timeout_s=0.5, retry_after_s=2) as c:
         runtime = c.app.state.runtime
         with stalled_inference(runtime):
             reply = await c.post("/encode", files=multipart([photo]))
-        error = assert_error(reply, 503, "queue_timeout")
+        error = assert_error(reply, 429, "queue_timeout")
         assert "0.5" in error["message"] and reply.headers["retry-after"] == "2"
         # Nothing is stuck: the next request runs, the queue is empty.
         after = await c.post("/encode", files=multipart([photo]))
@@ -697,7 +679,7 @@ async def test_a_request_waiting_past_the_queue_deadline_is_503(photo):
 
 
 @module_loop
-async def test_a_full_queue_answers_503_and_accepted_requests_complete(scene_bytes):
+async def test_a_full_queue_answers_429_and_accepted_requests_complete(scene_bytes):
     blobs = scene_bytes[:6]
     async with running(max_queue_size=4, max_batch_size=4) as c:
         runtime = c.app.state.runtime
@@ -716,7 +698,7 @@ async def test_a_full_queue_answers_503_and_accepted_requests_complete(scene_byt
             ready = await c.get("/readyz")
         replies = [await first, await second]
         after = await c.post("/encode", files=multipart(blobs[4:6]))
-    assert "3 images waiting" in assert_error(refused, 503, "queue_full")["message"]
+    assert "3 images waiting" in assert_error(refused, 429, "queue_full")["message"]
     assert ready.status_code == 200  # a full queue is back-pressure, not unreadiness
     assert [r.status_code for r in replies] == [200, 200]
     got = np.concatenate([r.json()["latents"] for r in replies]).astype(np.float32)
@@ -725,7 +707,7 @@ async def test_a_full_queue_answers_503_and_accepted_requests_complete(scene_byt
 
 
 @module_loop
-async def test_requests_beyond_the_in_flight_bound_are_503_before_decoding(photo):
+async def test_requests_beyond_the_in_flight_bound_are_429_before_decoding(photo):
     # Requests in flight are bounded by AE_MAX_QUEUE_SIZE too: under overload the work before
     # the queue (parsing bodies, decoding images) would otherwise pile up without limit.
     async with running(max_queue_size=2, retry_after_s=3) as c:
@@ -740,7 +722,7 @@ async def test_requests_beyond_the_in_flight_bound_are_503_before_decoding(photo
             probes = [await c.get(p) for p in ("/healthz", "/readyz", "/metrics")]
         replies = [await first, await second]
         after = [await c.post("/encode", files=multipart([photo])) for _ in range(3)]
-    assert_error(refused, 503, "overloaded")
+    assert_error(refused, 429, "overloaded")
     assert refused.headers["retry-after"] == "3"
     assert [p.status_code for p in probes] == [200, 200, 200]  # probes are not counted
     assert [r.status_code for r in replies + after] == [200] * 5  # the places are given back

@@ -12,7 +12,7 @@ from service import errors
 from service.dependencies import RuntimeDep, require_api_key
 from service.handlers.common import model_ref, request_images
 from service.responses import FastJSON
-from service.schemas import AnomalyResponse, ImagesJson, request_body, responses
+from service.schemas import IMAGE_INPUTS, AnomalyResponse, ImagesJson, request_body, responses
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -22,10 +22,10 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     summary="Score images for anomalies",
     description="`is_anomaly` is `score > threshold`. The scorer (default: the manifest's) and "
     "its threshold come from the model's manifest, calibrated on held-out images. "
-    "`heatmap=true` adds the smoothed per-pixel error laid over each input.",
+    f"`heatmap=true` adds the smoothed per-pixel error laid over each input. {IMAGE_INPUTS}",
     response_model=None,
     responses=responses(AnomalyResponse),
-    openapi_extra=request_body(ImagesJson),
+    openapi_extra=request_body(ImagesJson, raw_images=True),
 )
 async def anomaly_score(
     request: Request,
@@ -36,32 +36,36 @@ async def anomaly_score(
     ] = None,
 ):
     scorers = runtime.model.scorers
-    name = scorer or scorers.default
+    name = scorers.default if scorer is None else scorer
     if name not in scorers.names:
         raise errors.InvalidParameter(f"unknown scorer {name!r}; this model has {scorers.names}")
-    images = await request_images(request, runtime)
-    latents = await runtime.encode(images)
-    outputs = await runtime.decode(latents)
-    loop = asyncio.get_running_loop()
-    evidence = Evidence(images, outputs, latents)
-    scores = await loop.run_in_executor(runtime.pool, runtime.model.score, name, evidence)
-    mse = per_image_mse(images, outputs)
-    threshold = scorers.thresholds[name]
-    results = [
-        {"score": float(s), "is_anomaly": bool(s > threshold), "mse": float(m)}
-        for s, m in zip(scores, mse, strict=True)
-    ]
-    if heatmap:
-        maps = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    runtime.pool, error_heatmap, x, y, scorers.heatmap_scale, scorers.sigma
+    parsed = await request_images(request, runtime)
+    with runtime.admit(parsed.image_count):
+        with runtime.phase("preprocess", "anomaly-score"):
+            images = await runtime.images(parsed)
+        latents = await runtime.encode(images)
+        outputs = await runtime.decode(latents)
+        loop = asyncio.get_running_loop()
+        evidence = Evidence(images, outputs, latents)
+        scores = await loop.run_in_executor(runtime.pool, runtime.model.score, name, evidence)
+        mse = per_image_mse(images, outputs)
+        threshold = scorers.thresholds[name]
+        results = [
+            {"score": float(s), "is_anomaly": bool(s > threshold), "mse": float(m)}
+            for s, m in zip(scores, mse, strict=True)
+        ]
+        if heatmap:
+            with runtime.phase("postprocess", "anomaly-score"):
+                maps = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            runtime.pool, error_heatmap, x, y, scorers.heatmap_scale, scorers.sigma
+                        )
+                        for x, y in zip(images, outputs, strict=True)
+                    )
                 )
-                for x, y in zip(images, outputs, strict=True)
-            )
-        )
-        for result, png in zip(results, await runtime.pngs(maps), strict=True):
-            result["heatmap"] = png
+                for result, png in zip(results, await runtime.pngs(maps), strict=True):
+                    result["heatmap"] = png
     runtime.count("anomaly-score", len(results))
     return FastJSON(
         {"model": model_ref(runtime), "threshold": threshold, "scorer": name, "results": results}

@@ -24,7 +24,7 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     openapi_extra=request_body(LatentsJson, multipart=False, npy=True),
 )
 async def decode(request: Request, runtime: RuntimeDep):
-    parsed = await parse_body(request, runtime.settings.max_images_per_request, accept_latents=True)
+    parsed = await parse_body(request, runtime.settings.max_images_per_request, latents=True)
     if parsed.latents is None:
         raise errors.InvalidLatents(
             'no latents: send JSON {"latents": [[...], ...]} or a .npy body'
@@ -34,8 +34,10 @@ async def decode(request: Request, runtime: RuntimeDep):
         raise errors.TooManyImages(
             f"{len(latents)} latents; the limit is {runtime.settings.max_images_per_request}"
         )
-    images = await runtime.decode(latents)
-    runtime.count("decode", len(images))
-    if wants_npy(request):
-        return npy_response(images)
-    return FastJSON({"model": model_ref(runtime), "images": await runtime.pngs(images)})
+    with runtime.admit(len(latents)):
+        images = await runtime.decode(latents)
+        runtime.count("decode", len(images))
+        with runtime.phase("postprocess", "decode"):
+            if wants_npy(request):
+                return npy_response(images)
+            return FastJSON({"model": model_ref(runtime), "images": await runtime.pngs(images)})

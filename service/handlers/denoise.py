@@ -6,9 +6,17 @@ from fastapi import APIRouter, Depends, Request
 
 from service import errors
 from service.dependencies import RuntimeDep, require_api_key
-from service.inputs import parse_body, require_images, wants_npy
+from service.handlers.common import request_images
+from service.inputs import wants_npy
 from service.responses import FastJSON, npy_response
-from service.schemas import DenoiseResponse, ErrorBody, ImagesJson, request_body, responses
+from service.schemas import (
+    IMAGE_INPUTS,
+    DenoiseResponse,
+    ErrorBody,
+    ImagesJson,
+    request_body,
+    responses,
+)
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -16,8 +24,8 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 @router.post(
     "/denoise",
     summary="Denoise images",
-    description="Multipart `images` files or JSON base64 `images`, through the model that "
-    "declares the `denoise` task (AE_DENOISE_MODEL), at its input size. "
+    description="Each image through the model that declares the `denoise` task "
+    f"(AE_DENOISE_MODEL), at its input size. {IMAGE_INPUTS} "
     "`Accept: application/x-npy` returns a float32 [N, H, W, 3] .npy array in [0, 1]. "
     "404 `not_found` when no denoising model is loaded.",
     response_model=None,
@@ -25,7 +33,7 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
         **responses(DenoiseResponse, npy=True),
         404: {"model": ErrorBody, "description": "no denoising model is loaded"},
     },
-    openapi_extra=request_body(ImagesJson),
+    openapi_extra=request_body(ImagesJson, raw_images=True),
 )
 async def denoise(request: Request, runtime: RuntimeDep):
     denoiser = runtime.denoiser
@@ -34,17 +42,18 @@ async def denoise(request: Request, runtime: RuntimeDep):
             "no denoising model is loaded: set AE_DENOISE_MODEL to a model under AE_MODEL_DIR "
             "whose manifest declares the `denoise` task"
         )
-    parsed = await parse_body(
-        request, runtime.settings.max_images_per_request, accept_latents=False
-    )
-    images = await runtime.images(require_images(parsed), denoiser)
-    cleaned = await runtime.denoise(images)
-    runtime.count("denoise", len(cleaned))
-    if wants_npy(request):
-        return npy_response(cleaned)
-    return FastJSON(
-        {
-            "model": {"name": denoiser.name, "version": denoiser.version},
-            "images": await runtime.pngs(cleaned),
-        }
-    )
+    parsed = await request_images(request, runtime)
+    with runtime.admit(parsed.image_count):
+        with runtime.phase("preprocess", "denoise"):
+            images = await runtime.images(parsed, denoiser)
+        cleaned = await runtime.denoise(images)
+        runtime.count("denoise", len(cleaned))
+        with runtime.phase("postprocess", "denoise"):
+            if wants_npy(request):
+                return npy_response(cleaned)
+            return FastJSON(
+                {
+                    "model": {"name": denoiser.name, "version": denoiser.version},
+                    "images": await runtime.pngs(cleaned),
+                }
+            )
