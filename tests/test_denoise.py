@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 
 import httpx
 import numpy as np
@@ -160,3 +161,17 @@ def test_openapi_documents_denoise():
     assert {"200", "400", "404", "413", "415", "422"} <= set(operation["responses"])
     assert "application/x-npy" in operation["responses"]["200"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(operation["requestBody"]["content"])
+
+
+async def test_denoise_takes_a_raw_image_body_and_preprocessed_tensors(scene_bytes):
+    _, noisy = noisy_png(scene_bytes[7], 25)
+    tensors = io.BytesIO()
+    np.save(tensors, load_image(noisy, SPEC)[None])
+    async with running() as client:
+        raw = await client.post("/denoise", content=noisy, headers={"Content-Type": "image/png"})
+        as_npy = await client.post(
+            "/denoise", content=tensors.getvalue(), headers={"Content-Type": NPY}
+        )
+        form = await client.post("/denoise", files=multipart([noisy]))
+    assert raw.status_code == as_npy.status_code == form.status_code == 200
+    assert raw.json()["images"] == as_npy.json()["images"] == form.json()["images"]
