@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=60)
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--patch", type=int, default=96, help="training crop size (divisible by 16)")
-    d.add_argument("--learning-rate", type=float, default=1e-3)
+    d.add_argument(
+        "--learning-rate", type=float, help="default 1e-3; with --resume, the rate to continue at"
+    )
     d.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this")
     d.add_argument("--seed", type=int, default=42)
     d.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -189,8 +191,8 @@ def _train_denoiser(args) -> int:
     from training.denoise import DenoiseConfig, train_denoiser
 
     fields = DenoiseConfig.__dataclass_fields__
-    config = DenoiseConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    run_dir = train_denoiser(config, resume=args.resume)
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    run_dir = train_denoiser(DenoiseConfig(**given), args.resume, args.learning_rate)
     print(
         f"run saved in {run_dir}; export it with: python -m training export-denoiser --run {run_dir}"
     )

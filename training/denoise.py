@@ -101,8 +101,23 @@ class TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def train_denoiser(config: DenoiseConfig, resume: bool = False) -> Path:
-    """Train into `config.out`; returns the run folder."""
+class SetLearningRate(keras.callbacks.Callback):
+    """Set the rate once training (and BackupAndRestore's restore) has begun: a resumed run
+    may continue at a lower rate than the one its optimizer state was saved with."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def on_train_begin(self, logs=None):
+        self.model.optimizer.learning_rate = self.rate
+
+
+def train_denoiser(
+    config: DenoiseConfig, resume: bool = False, learning_rate: float | None = None
+) -> Path:
+    """Train into `config.out`; returns the run folder. On resume, `learning_rate` replaces the
+    rate the run had reached (the time budget, not a plateau, ends a CPU run)."""
     run_dir = Path(config.out)
     config_path = run_dir / "config.json"
     if config_path.exists() and not resume:
@@ -135,6 +150,8 @@ def train_denoiser(config: DenoiseConfig, resume: bool = False) -> Path:
     ]
     if config.max_minutes:
         callbacks.append(TimeLimit(config.max_minutes))
+    if resume and learning_rate:
+        callbacks.append(SetLearningRate(learning_rate))
     model.fit(
         NoisyCrops(train_set.images, config.batch_size, config.patch, config.seed),
         validation_data=(to_float(val_noisy), to_float(val_clean)),
