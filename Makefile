@@ -17,7 +17,7 @@ $(SERVE_VENV)/.installed: pyproject.toml
 $(DEV_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEV_VENV)
 	$(DEV_VENV)/bin/pip install -q --upgrade pip
-	$(DEV_VENV)/bin/pip install -q -e '.[serve,train,dev]'
+	$(DEV_VENV)/bin/pip install -q -e '.[serve,train,dev,batch]'
 	touch $@
 
 serve: $(SERVE_VENV)/.installed  ## run the API on the bundled default model

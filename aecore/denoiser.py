@@ -71,9 +71,12 @@ class Denoiser:
         ]
         return np.concatenate(chunks) if chunks else np.empty((0, *self.spec.shape), np.float32)
 
-    def preprocess(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
-        """Encoded image bytes -> float32 [H, W, 3] in [0, 1] (the one pipeline)."""
-        return load_image(data, self.spec, max_pixels)
+    def preprocess(
+        self, data: bytes, max_pixels: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Encoded image bytes -> float32 [H, W, 3] in [0, 1] (the one pipeline), written into
+        `out` (a slot of a batch) when given."""
+        return load_image(data, self.spec, max_pixels, out)
 
 
 def _as_input(images: np.ndarray) -> np.ndarray:

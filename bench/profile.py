@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.common import REPO
-from bench.load import measure, run_loop, server
+from bench.load import measure, run_loop, server, thread_names
 from tests.live import LiveServer
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<where>[^()]*)\)$")
@@ -44,19 +44,6 @@ async def record(pid: int, seconds: float, out: Path, native: bool, rate: int) -
     _, err = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
-
-
-async def thread_names(pid: int) -> dict[int, str]:
-    """Native thread id -> Python thread name, from `py-spy dump`."""
-    proc = await asyncio.create_subprocess_exec(
-        py_spy(), "dump", "--pid", str(pid), "--nonblocking",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    text, _ = await proc.communicate()
-    names = {}
-    for match in re.finditer(r'^Thread (\d+) \([^)]*\): "([^"]*)"', text.decode(), re.M):
-        names[int(match.group(1))] = match.group(2)
-    return names
 
 
 async def cpu_by_thread(srv: LiveServer, seconds: float, into: dict) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import logging
+import glob
+import os
+import tempfile
 
 import uvicorn
 
 from service.app import create_app
-from service.request_id import RequestIdFilter
+from service.logs import log_config
 from service.settings import get_settings
 
 
@@ -19,32 +20,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RequestIdFilter())
-    uvicorn.run(
-        create_app(settings),
+    common = dict(
         host=args.host,
         port=args.port,
         log_level=settings.log_level,
-        log_config=log_config(),
+        log_config=log_config(settings.log_level),
         timeout_graceful_shutdown=30,
     )
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    # Several processes share the port; each builds its own app (sessions, batchers) from the
+    # same environment, and their metrics meet in one folder that /metrics sums.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_folder()
+    uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
 
 
-def log_config() -> dict:
-    """uvicorn's own logging, with the request id on its access lines."""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["filters"] = {"request_id": {"()": RequestIdFilter}}
-    config["formatters"]["access"]["fmt"] = (
-        '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s [%(request_id)s]'
-    )
-    for handler in config["handlers"].values():
-        handler["filters"] = ["request_id"]
-    return config
+def metrics_folder() -> str:
+    """The operator's PROMETHEUS_MULTIPROC_DIR, emptied (stale samples of a previous run
+    would be summed in), or a new temporary folder."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return tempfile.mkdtemp(prefix="convae-metrics-")
+    os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(folder, "*.db")):
+        os.remove(stale)
+    return folder
 
 
 if __name__ == "__main__":

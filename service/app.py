@@ -13,7 +13,18 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors, openapi
-from service.handlers import anomaly, decode, denoise, encode, health, interpolate, reconstruct, ui
+from service.handlers import (
+    anomaly,
+    decode,
+    denoise,
+    encode,
+    health,
+    interpolate,
+    reconstruct,
+    repository,
+    ui,
+    v2,
+)
 from service.limits import Admission, BodySizeLimit
 from service.metrics import Metrics
 from service.request_id import RequestId
@@ -90,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runtime = Runtime(settings, metrics)
+        runtime.on_change.append(lambda: setattr(app, "openapi_schema", None))  # redescribe
         await runtime.load()  # a missing model or AE_REQUIRE_GPU without a GPU stops start-up
         app.state.runtime = runtime
         restore_signals = _unready_on_exit_signals(runtime)
@@ -98,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             restore_signals()
             await runtime.close()
+            metrics.worker_exited()
 
     app = FastAPI(
         title="Convolutional autoencoder service",
@@ -111,7 +124,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     errors.install(app)
     openapi.install(app, settings)
-    for module in (encode, decode, reconstruct, anomaly, interpolate, denoise, health, ui):
+    for module in (
+        encode, decode, reconstruct, anomaly, interpolate, denoise, health, ui, v2, repository,
+    ):  # fmt: skip
         app.include_router(module.router)
     # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE),
     # and their bodies in bytes (AE_MAX_INFLIGHT_BYTES).

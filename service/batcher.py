@@ -56,8 +56,11 @@ class Batcher:
         max_queue: int,
         timeout_s: float,
         retry_after_s: int = 1,
+        labels: dict[str, str] | None = None,
     ) -> None:
         self.part = part
+        # Every metric of this batcher: its model and version (a repository serves several).
+        self._labels = {"model": "", "version": "", **(labels or {}), "part": part}
         self.run = run
         self._metrics = metrics
         self.max_batch = max_batch
@@ -113,7 +116,7 @@ class Batcher:
         ]
         self._queue.extend(items)
         self._queued_rows += len(rows)
-        self._metrics.queue_depth.labels(self.part).set(self._queued_rows)
+        self._metrics.queue_depth.labels(**self._labels).set(self._queued_rows)
         self._wakeup.set()
         try:
             results = await asyncio.wait_for(
@@ -126,6 +129,11 @@ class Batcher:
                 self.retry_after_s,
             ) from None
         return results[0] if len(results) == 1 else np.concatenate(results)
+
+    def _assemble_and_run(self, parts: list[np.ndarray]) -> np.ndarray:
+        """In the inference thread: one buffer for the batch (the copy stays off the event
+        loop), then the engine call."""
+        return self.run(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     # -- the worker ------------------------------------------------------------------------
     async def _supervise(self) -> None:
@@ -157,7 +165,7 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(error)
         self._queued_rows = 0
-        self._metrics.queue_depth.labels(self.part).set(0)
+        self._metrics.queue_depth.labels(**self._labels).set(0)
 
     async def _loop(self) -> None:
         while True:
@@ -194,21 +202,23 @@ class Batcher:
                 continue
             taken.append(item)
             rows += len(item.rows)
-        self._metrics.queue_depth.labels(self.part).set(self._queued_rows)
+        self._metrics.queue_depth.labels(**self._labels).set(self._queued_rows)
         return taken
 
     async def _execute(self, batch: list[_Item]) -> None:
         try:
             now = time.perf_counter()
             for item in batch:
-                self._metrics.queue_wait.labels(self.part).observe(now - item.enqueued)
-            rows = batch[0].rows if len(batch) == 1 else np.concatenate([i.rows for i in batch])
-            self._metrics.batch_size.labels(self.part).observe(len(rows))
+                self._metrics.queue_wait.labels(**self._labels).observe(now - item.enqueued)
+            parts = [item.rows for item in batch]
+            rows = sum(len(p) for p in parts)
+            self._metrics.batch_size.labels(**self._labels).observe(rows)
             started = time.perf_counter()
-            out = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, rows)
-            if len(out) != len(rows):
-                raise EngineError(f"the {self.part} returned {len(out)} rows for {len(rows)}")
-            self._metrics.inference_duration.labels(self.part).observe(
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(self._executor, self._assemble_and_run, parts)
+            if len(out) != rows:
+                raise EngineError(f"the {self.part} returned {len(out)} rows for {rows}")
+            self._metrics.inference_duration.labels(**self._labels).observe(
                 time.perf_counter() - started
             )
         except Exception as exc:  # an engine failure fails this batch, not the worker

@@ -108,10 +108,16 @@ class Unavailable(RetryLater):
     status = 503
 
 
-def error_response(status: int, code: str, message: str, headers=None) -> FastJSON:
-    return FastJSON(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
+V2_PREFIX = "/v2"  # the Open Inference Protocol's routes answer errors in its own form
+
+
+def error_response(status: int, code: str, message: str, headers=None, path: str = "") -> FastJSON:
+    """The contract's error body, or on the /v2 routes the protocol's `{"error": "..."}`."""
+    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+        body: dict = {"error": message}
+    else:
+        body = {"error": {"code": code, "message": message}}
+    return FastJSON(body, status_code=status, headers=headers)
 
 
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
@@ -122,19 +128,19 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_la
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
         )
-        return error_response(422, "invalid_parameter", problems)
+        return error_response(422, "invalid_parameter", problems, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers, request.url.path)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect):
@@ -146,4 +152,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; see the server log")
+        return error_response(
+            500, "internal_error", "internal error; see the server log", path=request.url.path
+        )

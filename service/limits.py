@@ -35,6 +35,7 @@ class BodySizeLimit:
                 413,
                 "payload_too_large",
                 f"the body has {int(declared)} bytes; the limit is {limit}",
+                path=scope["path"],
             )
             await response(scope, receive, send)
             return
@@ -79,7 +80,7 @@ class Admission:
             return
         if self.requests >= self.max_requests or self.bytes >= self.max_bytes:
             exc = self._busy()
-            await error_response(exc.status, exc.code, exc.message, exc.headers)(
+            await error_response(exc.status, exc.code, exc.message, exc.headers, scope["path"])(
                 scope, receive, send
             )
             return

@@ -31,16 +31,22 @@ def install(app: FastAPI, settings: Settings) -> None:
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
         runtime = app.state.runtime
-        model = runtime.model if runtime is not None else None
-        constrain(spec, settings, model)
-        if model is not None:  # the model's facts are in: the document is final
+        served = runtime.repository.served if runtime is not None else {}
+        model = runtime.default().model if runtime is not None and runtime.ready else None
+        constrain(spec, settings, model, served)
+        if model is not None:  # final until the repository changes (runtime.on_change)
             app.openapi_schema = spec
         return spec
 
     app.openapi = openapi
 
 
-def constrain(spec: dict[str, Any], settings: Settings, model: Any | None) -> None:
+def constrain(
+    spec: dict[str, Any], settings: Settings, model: Any | None, served: dict | None = None
+) -> None:
+    """`model` is the default model (its latent length and scorers describe the bodies);
+    `served` maps every served model to its versions (the `model` and V2 name enums)."""
+    served = served or {}
     limits = _Limits(settings, model)
     for path, item in spec["paths"].items():
         for operation in item.values():
@@ -53,8 +59,20 @@ def constrain(spec: dict[str, Any], settings: Settings, model: Any | None) -> No
                 else:
                     limits.apply(schema.get("properties", {}))
             for parameter in operation.get("parameters", []):
-                if parameter["name"] == "scorer" and model is not None:
+                if model is None:
+                    continue
+                if parameter["name"] == "scorer":
                     parameter["schema"] = {"type": "string", "enum": model.scorers.names}
+                elif path.startswith("/v2/models/") and parameter["name"] == "name":
+                    graphs = [
+                        f"{n}-{part}" for n in sorted(served) for part in ("encoder", "decoder")
+                    ]
+                    parameter["schema"] = {"type": "string", "enum": graphs}
+                elif path.startswith("/v2/models/") and parameter["name"] == "version":
+                    versions = sorted({v for vs in served.values() for v in vs})
+                    parameter["schema"] = {"type": "string", "enum": [str(v) for v in versions]}
+                elif parameter["name"] == "model" and parameter["in"] == "query":
+                    parameter["schema"] = {"type": "string", "enum": sorted(served)}
     if settings.api_key is None:
         spec.get("components", {}).pop("securitySchemes", None)
 
@@ -66,8 +84,8 @@ def _security(path: str, operation: dict[str, Any], settings: Settings) -> None:
     if not keyed:
         operation.pop("security", None)
         operation.get("responses", {}).pop("401", None)
-    elif "security" not in operation and "401" in operation.get("responses", {}):
-        operation["security"] = [{SCHEME: []}]
+    elif "security" in operation:
+        operation["responses"].setdefault("401", {"description": "missing or wrong X-API-Key"})
 
 
 class _Limits:

@@ -1,14 +1,15 @@
-"""What the app holds while it runs: the model, one batcher per graph, the decode thread pool."""
+"""What the app holds while it runs: the model repository, the decode thread pool, and the
+limits and metrics every loaded model shares."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -17,9 +18,9 @@ from aecore.denoiser import Denoiser
 from aecore.graphs import default_threads
 from service.batcher import Batcher
 from service.errors import Busy
-from service.inputs import Parsed, preprocess
 from service.metrics import Metrics
-from service.model import AutoencoderModel
+from service.model import AutoencoderModel, choose_providers
+from service.repository import Repository, Served
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ class Runtime:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.model: AutoencoderModel | None = None
         self._ready = False
         self.images_in_flight = 0
         # OpenCV releases the GIL, so decoding and PNG encoding scale over threads.
@@ -37,50 +37,109 @@ class Runtime:
             max_workers=settings.decode_threads or max(2, default_threads()),
             thread_name_prefix="images",
         )
-        self.encoder: Batcher | None = None
-        self.decoder: Batcher | None = None
+        self.repository = Repository(self)
+        self.on_change: list[Callable[[], None]] = []
+        self._poller: asyncio.Task | None = None
+        # The denoiser, served beside the repository's autoencoders (which skip task folders
+        # that do not encode) until the repository routes tasks itself.
         self.denoiser: Denoiser | None = None
         self.denoise_batcher: Batcher | None = None
 
     async def load(self) -> None:
-        """Load and check the model folder, warm both graphs up, start the batchers."""
+        """Load every model the repository serves; the default model must be among them."""
+        await self.repository.sync()
+        s, failed = self.settings, self.repository.failed
+        if s.model_name not in self.repository.served:  # the default model must serve
+            reasons = [error for (name, _), error in failed.items() if name == s.model_name]
+            if reasons:
+                raise reasons[-1]
+            self.default()  # raises ModelNotFound: no such model in the repository
+        self.denoiser = await asyncio.to_thread(self._load_denoiser)
+        if self.denoiser is not None:
+            self.denoise_batcher = Batcher(
+                "denoiser",
+                self.denoiser.denoise,
+                metrics=self.metrics,
+                max_batch=s.max_batch_size,
+                max_delay_s=s.max_queue_delay_ms / 1000.0,
+                max_queue=s.max_queue_size,
+                timeout_s=s.queue_timeout_s,
+                retry_after_s=s.retry_after_s,
+                labels={"model": self.denoiser.name, "version": str(self.denoiser.version)},
+            )
+            self.denoise_batcher.start()
+        if self.settings.model_poll_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(
+                self.repository.poll(self.settings.model_poll_s), name="repository-poll"
+            )
+        self.ready = True
+
+    async def open(self, folder: Path) -> Served:
+        """One version: sessions opened and checked (sha256, shapes), warmed up, batchers made."""
         s = self.settings
-        folder = manifest.resolve(s.model_dir, s.model_name, s.model_version)
+        threads = s.intra_op_threads or max(1, default_threads() // s.workers)
         model = await asyncio.to_thread(
-            AutoencoderModel, folder, s.providers, s.require_gpu, s.intra_op_threads
-        )
-        seconds = await asyncio.to_thread(model.warm_up, (1, s.max_batch_size))
+            AutoencoderModel, folder, s.providers, s.require_gpu, threads, s.precision,
+            s.cudnn_conv_algo_search, s.trt_cache_dir,
+        )  # fmt: skip
+        # On a GPU every batch size the batcher can form is a new shape for cuDNN's search.
+        sizes = range(1, s.max_batch_size + 1) if model.on_gpu else (1, s.max_batch_size)
+        seconds = await asyncio.to_thread(model.warm_up, tuple(sizes))
         log.info(
             "loaded %s v%s from %s; providers in use: %s (asked for %s); %d intra-op threads; "
             "warm-up %.2f s",
             model.name, model.version, folder, model.providers, model.requested_providers,
             model.intra_op_threads, seconds,
         )  # fmt: skip
-        self.denoiser = await asyncio.to_thread(self._load_denoiser, model.requested_providers)
-        common = dict(
-            metrics=self.metrics,
-            max_batch=s.max_batch_size,
-            max_delay_s=s.max_queue_delay_ms / 1000.0,
-            max_queue=s.max_queue_size,
-            timeout_s=s.queue_timeout_s,
-            retry_after_s=s.retry_after_s,
-        )
-        self.encoder = Batcher("encoder", model.encode, **common)
-        self.decoder = Batcher("decoder", model.decode, **common)
-        self.encoder.start()
-        self.decoder.start()
-        if self.denoiser is not None:
-            self.denoise_batcher = Batcher("denoiser", self.denoiser.denoise, **common)
-            self.denoise_batcher.start()
-        self.model = model
-        self.ready = True
+        return Served(self, model)
+
+    def _load_denoiser(self) -> Denoiser | None:
+        """AE_DENOISE_MODEL's highest version, warmed up; None when unset or not installed.
+
+        A folder that is there but does not declare the `denoise` task stops start-up
+        (ModelFolderError): that is a configuration mistake, not a missing option.
+        """
+        s = self.settings
+        if not s.denoise_model:
+            return None
+        try:
+            folder = manifest.resolve(s.model_dir, s.denoise_model)
+        except manifest.ModelFolderError as exc:
+            log.warning("no denoiser: %s; /denoise answers 404", exc)
+            return None
+        threads = s.intra_op_threads or max(1, default_threads() // s.workers)
+        denoiser = Denoiser(folder, choose_providers(s.providers), threads)
+        for n in (1, s.max_batch_size):
+            denoiser.denoise(np.zeros((n, *denoiser.spec.shape), np.float32))
+        log.info("loaded denoiser %s v%s from %s", denoiser.name, denoiser.version, folder)
+        return denoiser
+
+    def denoiser_card(self) -> dict | None:
+        """What GET /model says about the denoiser: its manifest and providers."""
+        if self.denoiser is None:
+            return None
+        return {**self.denoiser.manifest, "providers": self.denoiser.providers}
+
+    async def denoise(self, images: np.ndarray) -> np.ndarray:
+        return await self.denoise_batcher.submit(images)
+
+    def default(self) -> Served:
+        """The default model (AE_MODEL_NAME) at its highest served version."""
+        return self.repository.resolve(None, None)
+
+    def changed(self) -> None:
+        for callback in self.on_change:
+            callback()
 
     @property
     def ready(self) -> bool:
-        """Loaded, not shutting down, and both batching workers healthy."""
-        batchers = (self.encoder, self.decoder)
-        denoiser_ok = self.denoise_batcher is None or self.denoise_batcher.healthy
-        return self._ready and denoiser_ok and all(b is not None and b.healthy for b in batchers)
+        """Loaded, not shutting down, and the default model's batching workers healthy."""
+        if not self._ready:
+            return False
+        try:
+            return self.default().healthy
+        except Exception:  # the default model is not served (unloaded, or its folder gone)
+            return False
 
     @ready.setter
     def ready(self, value: bool) -> None:
@@ -111,72 +170,15 @@ class Runtime:
         finally:
             self.metrics.phases[name].labels(endpoint).observe(time.perf_counter() - started)
 
-    def _load_denoiser(self, providers: list[str]) -> Denoiser | None:
-        """AE_DENOISE_MODEL's highest version, warmed up; None when unset or not installed.
-
-        A folder that is there but does not declare the `denoise` task stops start-up
-        (ModelFolderError): that is a configuration mistake, not a missing option.
-        """
-        s = self.settings
-        if not s.denoise_model:
-            return None
-        try:
-            folder = manifest.resolve(s.model_dir, s.denoise_model)
-        except manifest.ModelFolderError as exc:
-            log.warning("no denoiser: %s; /denoise answers 404", exc)
-            return None
-        denoiser = Denoiser(folder, providers, s.intra_op_threads)
-        for n in (1, s.max_batch_size):
-            denoiser.denoise(np.zeros((n, *denoiser.spec.shape), np.float32))
-        log.info("loaded denoiser %s v%s from %s", denoiser.name, denoiser.version, folder)
-        return denoiser
-
-    def denoiser_card(self) -> dict | None:
-        """What GET /model says about the denoiser: its name, version and manifest."""
-        if self.denoiser is None:
-            return None
-        return {**self.denoiser.manifest, "providers": self.denoiser.providers}
-
     async def close(self) -> None:
         """Stop taking work, finish what is queued, release threads."""
         self.ready = False
-        for batcher in (self.encoder, self.decoder, self.denoise_batcher):
-            if batcher is not None:
-                await batcher.stop()
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.repository.close()
+        if self.denoise_batcher is not None:
+            await self.denoise_batcher.stop()
         self.pool.shutdown(wait=True)
-
-    # -- the steps handlers compose --
-    async def images(self, parsed: Parsed, model=None) -> np.ndarray:
-        """A request's images as `model` (default: the autoencoder) takes them."""
-        return await preprocess(
-            model or self.model, parsed, self.settings.max_image_pixels, self.pool
-        )
-
-    async def encode(self, images: np.ndarray) -> np.ndarray:
-        return await self.encoder.submit(images)
-
-    async def decode(self, latents: np.ndarray) -> np.ndarray:
-        return await self.decoder.submit(latents)
-
-    async def denoise(self, images: np.ndarray) -> np.ndarray:
-        return await self.denoise_batcher.submit(images)
-
-    async def reconstruct(self, images: np.ndarray) -> np.ndarray:
-        return await self.decode(await self.encode(images))
-
-    def count(self, endpoint: str, n: int) -> None:
-        self.metrics.images.labels(endpoint).inc(n)
-
-    async def pngs(self, images: np.ndarray) -> list[str]:
-        """Base64 PNGs of [0, 1] images, encoded in the thread pool."""
-        loop = asyncio.get_running_loop()
-
-        def one(image: np.ndarray) -> str:
-            return base64.b64encode(self.model.postprocess(image)).decode("ascii")
-
-        return list(
-            await asyncio.gather(*(loop.run_in_executor(self.pool, one, im) for im in images))
-        )
 
     def batching(self) -> dict:
         s = self.settings

@@ -81,9 +81,23 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class ProtocolErrorBody(BaseModel):
+    """The Open Inference Protocol's error body, on every /v2 route."""
+
+    error: str
+
+
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProtocolErrorBody, "description": what}
+    for status, what in ((401, "missing or wrong X-API-Key"), (404, "no such model"),
+                         (503, "not loaded yet, or shutting down"))
+}  # fmt: skip
+
 # The errors of the non-inference routes that need the key and the loaded model.
 KEYED_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong X-API-Key"},
+    404: {"model": ErrorBody, "description": "no such model or version served (GET /models)"},
+    422: {"model": ErrorBody, "description": "a malformed `version`"},
     503: {"model": ErrorBody, "description": "not loaded yet, or shutting down (see Retry-After)"},
 }
 
@@ -136,6 +150,7 @@ def responses(model: type[BaseModel], npy: bool = False) -> dict[int | str, dict
         400: "undecodable image, bad base64 or invalid JSON",
         401: "missing or wrong X-API-Key",
         413: "body, image count or pixel count too large",
+        404: "no such model or version served (GET /models)",
         415: "unsupported Content-Type",
         422: "invalid latents, steps or weights",
         429: "busy: queue full, too much in progress, or waited too long (see Retry-After)",

@@ -45,16 +45,29 @@ class LiveServer:
     def output(self, tail: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-tail:]
 
+    def pids(self) -> list[int]:
+        """The server process and its descendants (worker processes with AE_WORKERS > 1)."""
+        found, queue = [], [self.proc.pid]
+        while queue:
+            pid = queue.pop()
+            found.append(pid)
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    queue += [int(c) for c in (task / "children").read_text().split()]
+        return found
+
     def cpu_seconds(self) -> float:
-        """User + system CPU of the server process, all its threads."""
-        return _cpu(Path(f"/proc/{self.proc.pid}/stat"))
+        """User + system CPU of the server, all its processes and threads."""
+        return sum(self.thread_cpu_seconds().values())
 
     def thread_cpu_seconds(self) -> dict[int, float]:
-        """User + system CPU of each thread of the server, by native thread id."""
+        """User + system CPU of each thread of the server's processes, by native thread id."""
         out = {}
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            with contextlib.suppress(OSError):  # a thread may end meanwhile
-                out[int(task.name)] = _cpu(task / "stat")
+        for pid in self.pids():
+            with contextlib.suppress(OSError):  # a process or thread may end meanwhile
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    with contextlib.suppress(OSError):
+                        out[int(task.name)] = _cpu(task / "stat")
         return out
 
     def rss_mb(self) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import re
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
@@ -50,20 +51,28 @@ def multipart(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
 
 
+_SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
+
+
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text, 0 when absent."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    """The sum of the samples of `name` in Prometheus text whose labels include `labels`
+    (other labels, e.g. a batcher's model and version, are summed over); 0 when absent."""
+    total = 0.0
     for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        match = _SAMPLE.match(line)
+        if not match or match.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(match.group(3))
+    return total
 
 
 @contextmanager
 def stalled_inference(runtime, part: str = "encoder"):
     """Hold every engine call of the graph until the block exits (a gated `run` injected)."""
     release = threading.Event()
-    batcher = getattr(runtime, part)
+    batcher = getattr(runtime.default(), part)
     run = batcher.run
 
     def gated(rows):
@@ -79,8 +88,11 @@ def stalled_inference(runtime, part: str = "encoder"):
 
 
 def batches_taken(runtime, part: str = "encoder") -> float:
-    """How many queued items the worker has taken so far (observed when a batch starts)."""
-    value = runtime.metrics.registry.get_sample_value("ae_queue_wait_seconds_count", {"part": part})
+    """How many queued items the default model's worker has taken so far (observed when a
+    batch starts)."""
+    model = runtime.default().model
+    labels = {"model": model.name, "version": str(model.version), "part": part}
+    value = runtime.metrics.registry.get_sample_value("ae_queue_wait_seconds_count", labels)
     return value or 0.0
 
 

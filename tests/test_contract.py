@@ -253,7 +253,7 @@ async def test_a_dead_batching_worker_fails_waiting_requests_at_once_and_restart
     scene_bytes, monkeypatch
 ):
     async with running(queue_timeout_s=60) as c:
-        batcher = c.app.state.runtime.encoder
+        batcher = c.app.state.runtime.default().encoder
         take = batcher._take
         deaths = []
 
@@ -273,7 +273,7 @@ async def test_a_dead_batching_worker_fails_waiting_requests_at_once_and_restart
 @module_loop
 async def test_a_worker_that_keeps_dying_turns_readiness_off(scene_bytes, monkeypatch):
     async with running(queue_timeout_s=60) as c:
-        batcher = c.app.state.runtime.encoder
+        batcher = c.app.state.runtime.default().encoder
 
         def dying_take():
             raise RuntimeError("always")
@@ -288,7 +288,7 @@ async def test_a_worker_that_keeps_dying_turns_readiness_off(scene_bytes, monkey
 @module_loop
 async def test_an_engine_returning_the_wrong_number_of_rows_fails_that_batch(scene_bytes):
     async with running() as c:
-        batcher = c.app.state.runtime.encoder
+        batcher = c.app.state.runtime.default().encoder
         run = batcher.run
         batcher.run = lambda rows: run(rows)[:-1]
         # As uvicorn does: the app answers 500 and re-raises for the server to log.

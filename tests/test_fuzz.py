@@ -10,7 +10,8 @@ Image content is generated for real: base64 (`format: byte`), multipart files, r
 bodies and .npy tensors are real images (strategies below), so a schema-valid request must be
 a 2xx. What no JSON Schema can say is accepted as an answer to schema-valid data, and
 documented in the operations' descriptions: a .npy body that is not the right array, and
-interpolation weights that must sum to 1 with one per input (422 on /decode, /interpolate).
+interpolation weights that must sum to 1 with one per input (422 on /decode, /interpolate),
+and a V2 tensor whose data must hold as many values as its shape says (400 on V2 infer).
 """
 
 from __future__ import annotations
@@ -78,7 +79,11 @@ def config(api_key: str | None) -> schemathesis.Config:
             {
                 "include-path-regex": "^/(decode|interpolate)$",
                 "checks": {"positive_data_acceptance": {"expected-statuses": [*POSITIVE, "422"]}},
-            }
+            },
+            {  # a V2 tensor's data must hold as many values as its shape says
+                "include-path-regex": "^/v2/models/.*/infer$",
+                "checks": {"positive_data_acceptance": {"expected-statuses": [*POSITIVE, "400"]}},
+            },
         ],
     }
     if api_key:
@@ -142,7 +147,7 @@ async def test_security_is_declared_only_where_a_key_is_required():
 async def test_constraints_come_from_the_settings_and_the_loaded_model():
     async with running(max_images_per_request=5, max_interpolation_steps=7) as c:
         spec = (await c.get("/openapi.json")).json()
-        model = c.app.state.runtime.model
+        model = c.app.state.runtime.default().model
     paths = spec["paths"]
     for path in ("/encode", "/reconstruct", "/anomaly-score"):
         body = paths[path]["post"]["requestBody"]["content"]

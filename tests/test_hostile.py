@@ -673,8 +673,9 @@ async def test_a_request_waiting_past_the_queue_deadline_is_429(photo):
         # Nothing is stuck: the next request runs, the queue is empty.
         after = await c.post("/encode", files=multipart([photo]))
         text = (await c.get("/metrics")).text
+        depth = runtime.default().encoder.depth
     assert after.status_code == 200
-    assert runtime.encoder.depth == 0
+    assert depth == 0
     assert metric(text, "ae_queue_depth", part="encoder") == 0
 
 
@@ -693,7 +694,7 @@ async def test_a_full_queue_answers_429_and_accepted_requests_complete(scene_byt
             # The worker took the first request (and is stuck on it); three images queue up.
             await wait_until(lambda: batches_taken(runtime) > taken, "the first request taken")
             second = asyncio.create_task(c.post("/encode", files=multipart(blobs[1:4])))
-            await wait_until(lambda: runtime.encoder.depth == 3, "three images queued")
+            await wait_until(lambda: runtime.default().encoder.depth == 3, "three images queued")
             refused = await c.post("/encode", files=multipart(blobs[4:6]))  # 3 + 2 > 4
             ready = await c.get("/readyz")
         replies = [await first, await second]
@@ -716,7 +717,9 @@ async def test_requests_beyond_the_in_flight_bound_are_429_before_decoding(photo
             first = asyncio.create_task(c.post("/encode", files=multipart([photo])))
             await wait_until(lambda: batches_taken(runtime) > 0, "the first request taken")
             second = asyncio.create_task(c.post("/encode", files=multipart([photo])))
-            await wait_until(lambda: runtime.encoder.depth == 1, "the second request queued")
+            await wait_until(
+                lambda: runtime.default().encoder.depth == 1, "the second request queued"
+            )
             # Not an image: admitted, it would be a 400; refused, it is never decoded.
             refused = await c.post("/encode", files=multipart([b"not an image"]))
             probes = [await c.get(p) for p in ("/healthz", "/readyz", "/metrics")]

@@ -179,7 +179,7 @@ async def test_concurrent_single_requests_are_batched_and_keep_their_rows(scene_
             rest = [
                 asyncio.create_task(client.post("/encode", files=multipart([b]))) for b in blobs[1:]
             ]
-            await wait_until(lambda: runtime.encoder.depth == 15, "15 requests queued")
+            await wait_until(lambda: runtime.default().encoder.depth == 15, "15 requests queued")
         replies = [await first, *[await r for r in rest]]
         text = (await client.get("/metrics")).text
     got = np.asarray([r.json()["latents"][0] for r in replies], np.float32)
@@ -428,11 +428,11 @@ async def test_each_phase_is_timed_per_endpoint(scene_bytes):
 
 
 async def test_raw_image_bodies_and_npy_tensors_give_the_same_latents(scene_bytes, scene_paths):
-    from aecore.preprocessing import decode_rgb, resize_rgb
+    from aecore.preprocessing import load_rgb8
 
     spec = ImageSpec()
     blobs = scene_bytes[:3]
-    uint8 = np.stack([resize_rgb(decode_rgb(b), spec) for b in blobs])
+    uint8 = np.stack([load_rgb8(b, spec) for b in blobs])
     float32 = np.stack([load_image(b, spec) for b in blobs])
     async with running() as client:
         form = npy(
@@ -501,3 +501,49 @@ def _npy_body(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
+
+
+def test_gpu_provider_options_tune_cuda_and_keep_tensorrt_engines_on_disk(tmp_path):
+    from aecore.graphs import gpu_provider_options
+
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt, cuda, cpu = gpu_provider_options(providers, tmp_path, "fp16", "HEURISTIC")
+    assert cuda["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert cuda["arena_extend_strategy"] == "kSameAsRequested"
+    assert trt["trt_engine_cache_enable"] == "True"
+    assert trt["trt_engine_cache_path"] == str(tmp_path) and trt["trt_fp16_enable"] == "True"
+    assert cpu == {}
+    assert gpu_provider_options(providers[:1], tmp_path)[0]["trt_fp16_enable"] == "False"
+
+
+async def test_fp16_graphs_serve_close_to_fp32_and_a_model_without_them_is_refused(
+    tmp_path, scene_bytes
+):
+    import shutil
+
+    from training.precision import write_fp16
+
+    source = manifest.resolve(DEFAULT_MODEL_DIR, "intel-scenes")
+    copy = tmp_path / "intel-scenes" / "1"
+    shutil.copytree(source, copy)
+    with pytest.raises(manifest.ModelFolderError, match="no fp16 graphs"):
+        async with running(model_dir=tmp_path, precision="fp16"):
+            pass
+    images = np.stack([load_image(b, ImageSpec()) for b in scene_bytes[:4]])
+    body = manifest.read(copy)
+    body["precisions"] = {"fp32": {"encoder": "encoder", "decoder": "decoder"},
+                          "fp16": write_fp16(copy, images)}  # fmt: skip
+    names = {**manifest.graph_files(body), "encoder_fp16": "encoder.fp16.onnx",
+             "decoder_fp16": "decoder.fp16.onnx"}  # fmt: skip
+    body["files"] = manifest.file_entries(copy, names)
+    manifest.write(copy, body)
+    async with running(model_dir=tmp_path) as client:
+        fp32 = npy((await client.post("/encode", files=multipart(scene_bytes[:4]),
+                                      headers={"Accept": NPY})).content)  # fmt: skip
+    async with running(model_dir=tmp_path, precision="fp16") as client:
+        card = (await client.get("/model")).json()
+        fp16 = npy((await client.post("/encode", files=multipart(scene_bytes[:4]),
+                                      headers={"Accept": NPY})).content)  # fmt: skip
+    assert card["precision"] == "fp16"
+    assert card["precisions"]["fp16"]["parity_max_abs"]["encoder"] < 0.05
+    assert np.max(np.abs(fp16 - fp32)) < 0.05 and not np.array_equal(fp16, fp32)

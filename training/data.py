@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.preprocessing import ImageDecodeError, ImageSpec, decode_rgb, resize_rgb
+from aecore.folders import IMAGE_SUFFIXES, class_layout
+from aecore.preprocessing import ImageDecodeError, ImageSpec, load_rgb8
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FLAT_CLASS = "(all)"
 
 
@@ -50,39 +50,22 @@ def discover(root: Path) -> tuple[list[Path], list[str], list[int]]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
-    class_dirs = sorted(
-        d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _images(d)
-    )
-    if class_dirs:
-        classes = [d.name for d in class_dirs]
-        files, labels = [], []
-        for label, d in enumerate(class_dirs):
-            found = _images(d)
-            files += found
-            labels += [label] * len(found)
-    else:
-        classes = [FLAT_CLASS]
-        files = [p for p in sorted(root.iterdir()) if _is_image(p)]
-        labels = [0] * len(files)
-    if not files:
+    listing = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    names, file_classes = class_layout(listing)
+    if not names:
         raise DataError(
             f"no images under {root}: expected <root>/<class>/*.jpg or image files directly "
             f"in it ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    return files, classes, labels
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p))
+    classes = sorted(set(file_classes)) if file_classes else [FLAT_CLASS]
+    label_of = {c: i for i, c in enumerate(classes)}
+    labels = [label_of[c] for c in file_classes] if file_classes else [0] * len(names)
+    return [root / name for name in names], classes, labels
 
 
 def _read(path: Path, spec: ImageSpec) -> np.ndarray | None:
     try:
-        return resize_rgb(decode_rgb(path.read_bytes()), spec)
+        return load_rgb8(path.read_bytes(), spec)
     except (ImageDecodeError, OSError) as exc:
         log.warning("skipping unreadable image %s: %s", path, exc)
         return None

@@ -19,9 +19,17 @@ from training.anomaly import calibrate_and_evaluate
 from training.compare import compare
 from training.data import ImageSet
 from training.onnx_export import ParityError, check_parity, export_graphs
+from training.precision import write_fp16
 from training.train import TrainConfig, load_autoencoder, load_split, read_history
 
 log = logging.getLogger(__name__)
+
+GRAPH_FILES = {
+    "encoder": "encoder.onnx",
+    "decoder": "decoder.onnx",
+    "encoder_fp16": "encoder.fp16.onnx",
+    "decoder_fp16": "decoder.fp16.onnx",
+}
 
 
 def reconstruct(folder: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +100,10 @@ def export(
         shutil.rmtree(staging)
         raise
     log.info("ONNX parity: max abs difference %.2e", parity_max)
+    fp16 = write_fp16(staging, to_float(val_set.images[:16]))
+    log.info("fp16 graphs: max abs difference to fp32 %s", fp16["parity_max_abs"])
+    base["files"] = manifest.file_entries(staging, GRAPH_FILES)
+    base["precisions"] = {"fp32": {"encoder": "encoder", "decoder": "decoder"}, "fp16": fp16}
 
     latents, outputs = reconstruct(staging, val_set.images)
     scored = mse_metrics(val_set.images, outputs, val_set)

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from aecore.anomaly import Evidence, error_heatmap, per_image_mse
 from service import errors
-from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref, request_images
+from service.dependencies import ServedDep, require_api_key
+from service.handlers.common import request_images
 from service.responses import FastJSON
 from service.schemas import IMAGE_INPUTS, AnomalyResponse, ImagesJson, request_body, responses
 
@@ -29,25 +29,25 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 )
 async def anomaly_score(
     request: Request,
-    runtime: RuntimeDep,
+    served: ServedDep,
     heatmap: Annotated[bool, Query(description="add a base64 PNG error heatmap per image")] = False,
     scorer: Annotated[
         str | None, Query(description="mse, local, latent or combined; default: the model's")
     ] = None,
 ):
-    scorers = runtime.model.scorers
+    scorers = served.model.scorers
     name = scorers.default if scorer is None else scorer
     if name not in scorers.names:
         raise errors.InvalidParameter(f"unknown scorer {name!r}; this model has {scorers.names}")
-    parsed = await request_images(request, runtime)
-    with runtime.admit(parsed.image_count):
-        with runtime.phase("preprocess", "anomaly-score"):
-            images = await runtime.images(parsed)
-        latents = await runtime.encode(images)
-        outputs = await runtime.decode(latents)
+    parsed = await request_images(request, served)
+    with served.admit(parsed.image_count):
+        with served.phase("preprocess", "anomaly-score"):
+            images = await served.images(parsed)
+        latents = await served.encode(images)
+        outputs = await served.decode(latents)
         loop = asyncio.get_running_loop()
         evidence = Evidence(images, outputs, latents)
-        scores = await loop.run_in_executor(runtime.pool, runtime.model.score, name, evidence)
+        scores = await loop.run_in_executor(served.pool, served.model.score, name, evidence)
         mse = per_image_mse(images, outputs)
         threshold = scorers.thresholds[name]
         results = [
@@ -55,18 +55,18 @@ async def anomaly_score(
             for s, m in zip(scores, mse, strict=True)
         ]
         if heatmap:
-            with runtime.phase("postprocess", "anomaly-score"):
+            with served.phase("postprocess", "anomaly-score"):
                 maps = await asyncio.gather(
                     *(
                         loop.run_in_executor(
-                            runtime.pool, error_heatmap, x, y, scorers.heatmap_scale, scorers.sigma
+                            served.pool, error_heatmap, x, y, scorers.heatmap_scale, scorers.sigma
                         )
                         for x, y in zip(images, outputs, strict=True)
                     )
                 )
-                for result, png in zip(results, await runtime.pngs(maps), strict=True):
+                for result, png in zip(results, await served.pngs(maps), strict=True):
                     result["heatmap"] = png
-    runtime.count("anomaly-score", len(results))
+    served.count("anomaly-score", len(results))
     return FastJSON(
-        {"model": model_ref(runtime), "threshold": threshold, "scorer": name, "results": results}
+        {"model": served.ref(), "threshold": threshold, "scorer": name, "results": results}
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from service import errors
-from service.dependencies import RuntimeDep, require_api_key
+from service.dependencies import RuntimeDep, ServedDep, require_api_key
 from service.handlers.common import request_images
-from service.inputs import wants_npy
+from service.inputs import preprocess, wants_npy
 from service.responses import FastJSON, npy_response
 from service.schemas import (
     IMAGE_INPUTS,
@@ -35,25 +35,29 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     },
     openapi_extra=request_body(ImagesJson, raw_images=True),
 )
-async def denoise(request: Request, runtime: RuntimeDep):
+async def denoise(request: Request, runtime: RuntimeDep, served: ServedDep):
+    # `served` (the default autoencoder) lends the shared request steps: body parsing,
+    # admission, phase timing and PNG encoding; the images run through the denoiser.
     denoiser = runtime.denoiser
     if denoiser is None:  # before reading the body: nothing it holds can change the answer
         raise errors.NotFound(
             "no denoising model is loaded: set AE_DENOISE_MODEL to a model under AE_MODEL_DIR "
             "whose manifest declares the `denoise` task"
         )
-    parsed = await request_images(request, runtime)
-    with runtime.admit(parsed.image_count):
-        with runtime.phase("preprocess", "denoise"):
-            images = await runtime.images(parsed, denoiser)
+    parsed = await request_images(request, served)
+    with served.admit(parsed.image_count):
+        with served.phase("preprocess", "denoise"):
+            images = await preprocess(
+                denoiser, parsed, runtime.settings.max_image_pixels, runtime.pool
+            )
         cleaned = await runtime.denoise(images)
-        runtime.count("denoise", len(cleaned))
-        with runtime.phase("postprocess", "denoise"):
+        served.count("denoise", len(cleaned))
+        with served.phase("postprocess", "denoise"):
             if wants_npy(request):
                 return npy_response(cleaned)
             return FastJSON(
                 {
                     "model": {"name": denoiser.name, "version": denoiser.version},
-                    "images": await runtime.pngs(cleaned),
+                    "images": await served.pngs(cleaned),
                 }
             )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref, request_images
+from service.dependencies import ServedDep, require_api_key
+from service.handlers.common import request_images
 from service.inputs import wants_npy
 from service.responses import FastJSON, npy_response
 from service.schemas import IMAGE_INPUTS, EncodeResponse, ImagesJson, request_body, responses
@@ -22,14 +22,14 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     responses=responses(EncodeResponse, npy=True),
     openapi_extra=request_body(ImagesJson, raw_images=True),
 )
-async def encode(request: Request, runtime: RuntimeDep):
-    parsed = await request_images(request, runtime)
-    with runtime.admit(parsed.image_count):
-        with runtime.phase("preprocess", "encode"):
-            images = await runtime.images(parsed)
-        latents = await runtime.encode(images)
-        runtime.count("encode", len(latents))
-        with runtime.phase("postprocess", "encode"):
+async def encode(request: Request, served: ServedDep):
+    parsed = await request_images(request, served)
+    with served.admit(parsed.image_count):
+        with served.phase("preprocess", "encode"):
+            images = await served.images(parsed)
+        latents = await served.encode(images)
+        served.count("encode", len(latents))
+        with served.phase("postprocess", "encode"):
             if wants_npy(request):
                 return npy_response(latents)
-            return FastJSON({"model": model_ref(runtime), "latents": latents})
+            return FastJSON({"model": served.ref(), "latents": latents})

@@ -10,8 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 
 from service import errors
-from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref
+from service.dependencies import ServedDep, require_api_key
 from service.inputs import parse_body, validate_latents
 from service.responses import FastJSON
 from service.schemas import InterpolateJson, InterpolateResponse, request_body, responses
@@ -35,8 +34,8 @@ _FORM_FIELDS = {
     responses=responses(InterpolateResponse),
     openapi_extra=request_body(InterpolateJson, form_fields=_FORM_FIELDS),
 )
-async def interpolate(request: Request, runtime: RuntimeDep):
-    settings = runtime.settings
+async def interpolate(request: Request, served: ServedDep):
+    settings = served.settings
     parsed = await parse_body(request, settings.max_images_per_request, latents=True)
     if (parsed.images is None) == (parsed.latents is None):
         raise errors.InvalidRequest("send either `images` or `latents` (one of them)")
@@ -63,23 +62,23 @@ async def interpolate(request: Request, runtime: RuntimeDep):
         )
     outputs = steps + 2 if steps is not None else 1
     # Every parameter is checked: only now are images decoded and encoded.
-    with runtime.admit(inputs + outputs):
+    with served.admit(inputs + outputs):
         if parsed.images is not None:
-            with runtime.phase("preprocess", "interpolate"):
-                images = await runtime.images(parsed)
-            latents = await runtime.encode(images)
+            with served.phase("preprocess", "interpolate"):
+                images = await served.images(parsed)
+            latents = await served.encode(images)
         else:
-            latents = validate_latents(parsed.latents, runtime.model.latent_dim)
+            latents = validate_latents(parsed.latents, served.model.latent_dim)
         if steps is not None:
             t = np.linspace(0.0, 1.0, outputs, dtype=np.float32)[:, None]
             path = (1.0 - t) * latents[0] + t * latents[1]
         else:
             path = (np.asarray(weights, np.float32)[:, None] * latents).sum(axis=0, keepdims=True)
-        images = await runtime.decode(path.astype(np.float32))
-        runtime.count("interpolate", len(images))
-        with runtime.phase("postprocess", "interpolate"):
+        images = await served.decode(path.astype(np.float32))
+        served.count("interpolate", len(images))
+        with served.phase("postprocess", "interpolate"):
             return FastJSON(
-                {"model": model_ref(runtime), "images": await runtime.pngs(images), "latents": path}
+                {"model": served.ref(), "images": await served.pngs(images), "latents": path}
             )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from aecore.anomaly import per_image_mse
-from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref, request_images
+from service.dependencies import ServedDep, require_api_key
+from service.handlers.common import request_images
 from service.responses import FastJSON
 from service.schemas import IMAGE_INPUTS, ImagesJson, ReconstructResponse, request_body, responses
 
@@ -22,18 +22,18 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     responses=responses(ReconstructResponse),
     openapi_extra=request_body(ImagesJson, raw_images=True),
 )
-async def reconstruct(request: Request, runtime: RuntimeDep):
-    parsed = await request_images(request, runtime)
-    with runtime.admit(parsed.image_count):
-        with runtime.phase("preprocess", "reconstruct"):
-            images = await runtime.images(parsed)
-        outputs = await runtime.reconstruct(images)
-        runtime.count("reconstruct", len(outputs))
-        with runtime.phase("postprocess", "reconstruct"):
+async def reconstruct(request: Request, served: ServedDep):
+    parsed = await request_images(request, served)
+    with served.admit(parsed.image_count):
+        with served.phase("preprocess", "reconstruct"):
+            images = await served.images(parsed)
+        outputs = await served.reconstruct(images)
+        served.count("reconstruct", len(outputs))
+        with served.phase("postprocess", "reconstruct"):
             return FastJSON(
                 {
-                    "model": model_ref(runtime),
-                    "images": await runtime.pngs(outputs),
+                    "model": served.ref(),
+                    "images": await served.pngs(outputs),
                     "mse": per_image_mse(images, outputs),
                 }
             )
