@@ -16,6 +16,7 @@ from service import errors, openapi
 from service.handlers import (
     anomaly,
     decode,
+    denoise,
     encode,
     generate,
     health,
@@ -124,8 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     errors.install(app)
     openapi.install(app, settings)
-    routers = (encode, decode, reconstruct, anomaly, interpolate, generate, health, ui, v2,
-               repository)  # fmt: skip
+    routers = (encode, decode, reconstruct, anomaly, interpolate, generate, denoise, health, ui,
+               v2, repository)  # fmt: skip
     for module in routers:
         app.include_router(module.router)
     # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE),

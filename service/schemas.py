@@ -69,6 +69,11 @@ class ReconstructResponse(BaseModel):
     mse: list[float] = Field(description="per image, preprocessed input vs output, in [0, 1]")
 
 
+class DenoiseResponse(BaseModel):
+    model: ModelRef = Field(description="the denoising model, not the autoencoder")
+    images: list[str] = Field(description="base64 PNGs, cleaned, at the model's input size")
+
+
 class AnomalyResult(BaseModel):
     score: float
     is_anomaly: bool

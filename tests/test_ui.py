@@ -477,3 +477,31 @@ async def _only_report_figures(tmp_path: Path, figure: Path):
             assert reply.headers["content-type"].startswith("application/json")
             assert reply.json()["error"]["code"] == "not_found", name
             assert b"not for you" not in reply.content and b"beside" not in reply.content
+
+
+def test_denoise_section_adds_noise_and_shows_the_psnr(new_page, server, one_per_class):
+    page = new_page()
+    page.goto(server + "/")
+    page.wait_for_selector("#denoise-hint[data-model^='intel-scenes-denoise v']")
+    page.fill("#denoise-sigma", "25")
+    assert page.inner_text("#denoise-sigma-value") == "25"
+    page.set_input_files("#denoise-file", str(one_per_class[2]))  # picking starts the request
+    page.wait_for_selector("#denoise-out[data-state='done']")
+    assert page.locator("#denoise-out img").count() == 3  # original, noisy, cleaned
+    page.wait_for_function(
+        "[...document.querySelectorAll('#denoise-out img')].every(i => i.naturalWidth === 128)"
+    )
+    noisy = float(page.get_attribute("#denoise-out", "data-psnr-noisy"))
+    cleaned = float(page.get_attribute("#denoise-out", "data-psnr-cleaned"))
+    assert 18.0 < noisy < 23.0  # sigma 25 on the 0-255 scale is about 20 dB
+    assert cleaned > noisy + 3.0
+    assert f"{cleaned:.2f} dB" in page.inner_text("#denoise-out")
+
+    page.fill("#denoise-sigma", "0")  # the upload itself: no clean reference, no PSNR
+    page.click("#denoise-run")
+    page.wait_for_function(
+        "(o => o.dataset.state === 'done' && o.querySelectorAll('img').length === 2)"
+        "(document.querySelector('#denoise-out'))"
+    )
+    assert page.get_attribute("#denoise-out", "data-psnr-cleaned") == ""
+    assert page.locator("#errors .error").count() == 0
