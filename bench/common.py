@@ -110,9 +110,14 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], ti
     return "\n".join(lines)
 
 
-def arguments(description: str, default_seconds: float) -> argparse.Namespace:
-    """The options every section takes: where to write its JSON, and how long to time things."""
+def arguments(
+    description: str, default_seconds: float, flags: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """The options every section takes: where to write its JSON, and how long to time things
+    (plus a section's own on/off `flags`)."""
     parser = argparse.ArgumentParser(description=description)
+    for flag in flags:
+        parser.add_argument(flag, action="store_true")
     parser.add_argument("--json", type=Path, help="write this section's results here")
     parser.add_argument(
         "--seconds",

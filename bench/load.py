@@ -8,6 +8,7 @@ p50/p95/p99 latency, errors, the mean encoder batch size (from /metrics deltas o
 measured window), and the CPU the server and the load generator used.
 
     python -m bench.load [--seconds 8] [--json out.json]
+    python -m bench.load --scaling     # AE_WORKERS x AE_INTRA_OP_THREADS, encode c=32
 """
 
 from __future__ import annotations
@@ -371,9 +372,21 @@ def report(result: dict) -> str:
     return table(rows, columns, "Service under load (loopback; body: how images are sent)")
 
 
+def scaling(seconds: float, cores: int) -> dict:
+    """Worker processes x onnxruntime threads per worker, up to the cores this machine has:
+    /encode with one JPEG per request at concurrency 32."""
+    grid = [(w, t) for w in (1, 2, 4) for t in (1, 2, 4) if w * t <= max(cores, 2)]
+    modes = {f"{w}x{t}": {"AE_WORKERS": str(w), "AE_INTRA_OP_THREADS": str(t)} for w, t in grid}
+    plan = tuple((mode, "encode", "jpeg") for mode in modes)
+    return run(seconds, modes=modes, plan=plan, concurrency=(32,), naive=())
+
+
 def main() -> None:
-    args = arguments(__doc__.split("\n\n")[0], default_seconds=8.0)
-    result = {"machine": machine(), **run(args.seconds)}
+    args = arguments(__doc__.split("\n\n")[0], default_seconds=8.0, flags=("--scaling",))
+    if args.scaling:
+        result = {"machine": machine(), **scaling(args.seconds, os.cpu_count() or 1)}
+    else:
+        result = {"machine": machine(), **run(args.seconds)}
     print(report(result), flush=True)
     write_json(args.json, result)
 
