@@ -32,8 +32,12 @@ class Autoencoder:
         self.latent_dim = int(self.manifest["latent_dim"])
         self.intra_op_threads = intra_op_threads or default_threads()
         files = self.manifest["files"]
-        self.encoder = open_session(self.folder / files["encoder"], providers, self.intra_op_threads)
-        self.decoder = open_session(self.folder / files["decoder"], providers, self.intra_op_threads)
+        self.encoder = open_session(
+            self.folder / files["encoder"], providers, self.intra_op_threads
+        )
+        self.decoder = open_session(
+            self.folder / files["decoder"], providers, self.intra_op_threads
+        )
         enc_in, dec_in = self.encoder.get_inputs()[0], self.decoder.get_inputs()[0]
         if list(enc_in.shape[1:]) != list(self.spec.shape) or dec_in.shape[1] != self.latent_dim:
             raise manifest.ModelFolderError(
