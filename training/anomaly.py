@@ -313,20 +313,31 @@ def stage_copy(source: Path) -> tuple[Path, Path, int]:
     return staging, root, version
 
 
-def finish_version(
-    staging: Path, root: Path, version: int, body: dict, source: Path, how: str
-) -> Path:
-    """List the scorers' files in `files` with their hashes, write the manifest, publish."""
-    parts = {**manifest.graph_files(body)}
-    for spec in body["anomaly"]["scorers"].values():
+def scorer_files(block: dict) -> dict[str, str]:
+    """The files an `anomaly` block's scorers read, by manifest part, for the `files` block."""
+    parts = {}
+    for spec in block["scorers"].values():
         if "file" in spec:
             parts["gaussians"] = spec["file"]
         if "graph" in spec:
             parts["features"] = spec["graph"]
+    return parts
+
+
+def finish_version(
+    staging: Path, root: Path, version: int, body: dict, source: Path, changes: str
+) -> Path:
+    """List the scorers' files in `files` with their hashes, write the manifest, publish."""
+    source_created = body.get("created")
+    parts = {**manifest.graph_files(body), **scorer_files(body["anomaly"])}
     body["files"] = manifest.file_entries(staging, parts)
     body["version"] = version
     body["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    body["derived_from"] = {"version": int(source.name), "by": how}
+    body["derived_from"] = {
+        "version": int(Path(source).name),
+        "created": source_created,
+        "changes": changes,
+    }
     manifest.write(staging, body)
     return manifest.publish(staging, root, version)
 
@@ -339,7 +350,8 @@ def publish_evaluated(
     staging, root, version = stage_copy(source)
     try:
         body["anomaly"] = calibrate_and_evaluate(staging, train, val, target_fpr, seed, default)
-        return finish_version(staging, root, version, body, source, "evaluate-anomaly")
+        changes = "anomaly scorers refitted, recalibrated and evaluated by `evaluate-anomaly`"
+        return finish_version(staging, root, version, body, source, changes)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -362,16 +374,18 @@ def publish_reused(source: Path, donor: Path) -> Path:
     staging, root, version = stage_copy(source)
     try:
         block = given["anomaly"]
-        files = {spec[key] for spec in block["scorers"].values() for key in ("file", "graph")
-                 if key in spec}  # fmt: skip
-        for name in files:
+        for name in scorer_files(block).values():
             shutil.copy2(Path(donor) / name, staging / name)
         (staging / "report").mkdir(exist_ok=True)
         for name in REPORT_FILES:
             if (Path(donor) / "report" / name).is_file():
                 shutil.copy2(Path(donor) / "report" / name, staging / "report" / name)
         body["anomaly"] = block
-        return finish_version(staging, root, version, body, source, "evaluate-anomaly --reuse")
+        changes = (
+            "anomaly scorers, calibration and report from `evaluate-anomaly` on the same "
+            "graphs, carried over by `evaluate-anomaly --reuse`"
+        )
+        return finish_version(staging, root, version, body, source, changes)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -416,7 +430,8 @@ def publish_recalibrated(source: Path, normal: ImageSet, target_fpr: float) -> t
             new_block["source_evaluation"] = block["evaluation"]
         body["anomaly"] = new_block
         _write_calibration_note(staging / "report", new_block)
-        return finish_version(staging, root, version, body, source, "calibrate"), calibration
+        changes = f"anomaly thresholds and 0-1 maps refitted by `calibrate` on {len(normal)} images"
+        return finish_version(staging, root, version, body, source, changes), calibration
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
