@@ -313,6 +313,24 @@ def stage_copy(source: Path) -> tuple[Path, Path, int]:
     return staging, root, version
 
 
+def refresh_report_summary(report_dir: Path, block: dict) -> None:
+    """Rewrite report.md's one-line anomaly summary (copied from the source version) so that
+    it states this version's figures."""
+    path = report_dir / "report.md"
+    if not path.is_file() or "evaluation" not in block:
+        return
+    ev, default = block["evaluation"], block["scorer"]
+    table = np.array(list(ev["corruptions"]["auroc"][default].values()))
+    line = (
+        f"Anomaly scoring: default scorer `{default}` (0-1 scores, threshold 0.5); ImageNet-C "
+        f"AUROC mean {table[:, :2].mean():.3f} at severities 1-2, worst {table[:, 2:].min():.3f} "
+        f"at 3-5; off-domain photos {ev['auroc'][default]['off_domain']:.3f}; normal FPR "
+        f"{ev['fpr_at_threshold'][default]:.1%}; the full tables are in [anomaly.md](anomaly.md)."
+    )
+    lines = [line if x.startswith("Anomaly scoring:") else x for x in path.read_text().split("\n")]
+    path.write_text("\n".join(lines))
+
+
 def scorer_files(block: dict) -> dict[str, str]:
     """The files an `anomaly` block's scorers read, by manifest part, for the `files` block."""
     parts = {}
@@ -329,6 +347,7 @@ def finish_version(
 ) -> Path:
     """List the scorers' files in `files` with their hashes, write the manifest, publish."""
     source_created = body.get("created")
+    refresh_report_summary(staging / "report", body["anomaly"])
     parts = {**manifest.graph_files(body), **scorer_files(body["anomaly"])}
     body["files"] = manifest.file_entries(staging, parts)
     body["version"] = version
