@@ -494,6 +494,8 @@ def calibrate_and_evaluate(
     if default not in (*BASE_SCORERS, "combined"):
         raise ValueError(f"unknown scorer {default!r}; choose from {[*BASE_SCORERS, 'combined']}")
     spec = ImageSpec(*val.images.shape[1:3])
+    if not (folder / manifest.MANIFEST).is_file():
+        _provisional_manifest(folder, spec)
     write_feature_graph(folder)
     fit_gaussians(folder, train.images)
     runner = Autoencoder(folder, verify=False)
@@ -524,6 +526,18 @@ def calibrate_and_evaluate(
     block["evaluation"]["ms_per_image"] = cost
     _write_report(folder / "report", block, scorers, kinds)
     return block
+
+
+def _provisional_manifest(folder: Path, spec: ImageSpec) -> None:
+    """What the runner needs to open a folder that `export` has not described yet (it writes
+    the full manifest over this one afterwards)."""
+    from aecore.graphs import open_session
+
+    latent_dim = open_session(folder / "encoder.onnx").get_outputs()[0].shape[1]
+    body = {"name": folder.name, "version": 0, "input": spec.manifest_block(),
+            "latent_dim": int(latent_dim), "files": manifest.file_entries(folder),
+            "anomaly": {}}  # fmt: skip
+    manifest.write(folder, body)
 
 
 def _auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
