@@ -1,9 +1,16 @@
-# Two images from one file (the last stage, `cpu`, is the default target):
+# Two images from one file; name the target (without one, the last stage, `gpu`, is built):
 #   docker build --target cpu -t convae-serve:0.1.0-cpu .   python:3.11-slim + onnxruntime
 #   docker build --target gpu -t convae-serve:0.1.0-gpu .   CUDA 13 + cuDNN 9 + onnxruntime-gpu
-# Builder stages install the project with its `serve` or `gpu` extra into /opt/venv; the final
-# stages copy only that venv and models/, so no pip cache, build backend or source tree ships.
+# BuildKit (the default builder since Docker Engine 23.0) builds only the stages a target
+# needs. The legacy builder (DOCKER_BUILDKIT=0) builds every stage up to the target, so the CPU
+# stages come first: `--target cpu` never pulls or builds the CUDA stages on either builder.
+# Builder stages install the project with its `serve` or `gpu` extra into /opt/venv, then remove
+# pip and setuptools from it, and the console scripts whose packages are not in the image
+# (`convae-train` needs `training`). The final stages copy only that venv and models/, so no
+# installer, build backend, pip cache or source tree ships.
 # Training (TensorFlow) is not installed: only the aecore and service packages are copied.
+# Both base images are build arguments, for registry mirrors and air-gapped builds:
+#   --build-arg PYTHON_IMAGE=registry.example.com/library/python:3.11.14-slim-bookworm
 
 # onnxruntime-gpu on PyPI: 1.19-1.26 are built for CUDA 12 + cuDNN 9, 1.27 and later for
 # CUDA 13 + cuDNN 9 (1.31.1 reports cuda_version 13.0). pyproject's range (>=1.18,<2) spans
@@ -12,6 +19,7 @@
 # For hosts whose driver predates CUDA 13 (< 580):
 #   --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 #   --build-arg ORT_GPU_VERSION=1.26.0   (built with CUDA 12.8)
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 ARG ORT_GPU_VERSION=1.31.1
 
@@ -20,6 +28,41 @@ FROM scratch AS source
 COPY pyproject.toml README.md /src/
 COPY aecore/ /src/aecore/
 COPY service/ /src/service/
+
+# ---------------------------------------------------------------- CPU
+FROM ${PYTHON_IMAGE} AS cpu-builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+COPY --from=source /src /src
+WORKDIR /src
+RUN /opt/venv/bin/pip install --no-cache-dir ".[serve]" \
+    && /opt/venv/bin/python -m pip uninstall --yes pip setuptools \
+    && rm /opt/venv/bin/convae-train
+
+FROM ${PYTHON_IMAGE} AS cpu
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --no-create-home --home-dir /app --shell /usr/sbin/nologin app
+COPY --from=cpu-builder /opt/venv /opt/venv
+# ORT_DISABLE_TELEMETRY: onnxruntime >= 1.31 uploads usage telemetry unless told not to (the
+# code switches it off too; this covers any other Python started in the container).
+# OPENCV_IO_MAX_IMAGE_PIXELS: OpenCV's own decoding limit (8192 x 8192), read when cv2 loads.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
+    OPENCV_IO_MAX_IMAGE_PIXELS=67108864 \
+    AE_MODEL_DIR=/app/models \
+    AE_HOST=0.0.0.0 \
+    AE_PORT=8000
+WORKDIR /app
+# Root-owned and read-only for the service user; mount another folder here to serve your model.
+COPY models/ /app/models/
+# Numeric user so Kubernetes' runAsNonRoot can check it.
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('AE_PORT', '8000'), timeout=4)"]
+CMD ["python", "-m", "service"]
 
 # ---------------------------------------------------------------- GPU
 FROM ${CUDA_IMAGE} AS gpu-builder
@@ -36,7 +79,9 @@ COPY --from=source /src /src
 WORKDIR /src
 # The constraint only fixes onnxruntime-gpu's version; what gets installed is the `gpu` extra.
 RUN echo "onnxruntime-gpu==${ORT_GPU_VERSION}" > /tmp/constraints.txt \
-    && /opt/venv/bin/pip install --no-cache-dir --constraint /tmp/constraints.txt ".[gpu]"
+    && /opt/venv/bin/pip install --no-cache-dir --constraint /tmp/constraints.txt ".[gpu]" \
+    && /opt/venv/bin/python -m pip uninstall --yes pip setuptools \
+    && rm /opt/venv/bin/convae-train
 
 FROM ${CUDA_IMAGE} AS gpu
 ENV DEBIAN_FRONTEND=noninteractive
@@ -49,34 +94,8 @@ COPY --from=gpu-builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    AE_MODEL_DIR=/app/models \
-    AE_HOST=0.0.0.0 \
-    AE_PORT=8000
-WORKDIR /app
-# Root-owned and read-only for the service user; mount another folder here to serve your model.
-COPY models/ /app/models/
-# Numeric user so Kubernetes' runAsNonRoot can check it.
-USER 10001:10001
-EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('AE_PORT', '8000'), timeout=4)"]
-CMD ["python", "-m", "service"]
-
-# ---------------------------------------------------------------- CPU
-FROM python:3.11.14-slim-bookworm AS cpu-builder
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-COPY --from=source /src /src
-WORKDIR /src
-RUN /opt/venv/bin/pip install --no-cache-dir ".[serve]"
-
-FROM python:3.11.14-slim-bookworm AS cpu
-RUN groupadd --system --gid 10001 app \
-    && useradd --system --uid 10001 --gid app --no-create-home --home-dir /app --shell /usr/sbin/nologin app
-COPY --from=cpu-builder /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
+    OPENCV_IO_MAX_IMAGE_PIXELS=67108864 \
     AE_MODEL_DIR=/app/models \
     AE_HOST=0.0.0.0 \
     AE_PORT=8000

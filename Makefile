@@ -17,7 +17,7 @@ $(SERVE_VENV)/.installed: pyproject.toml
 $(DEV_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEV_VENV)
 	$(DEV_VENV)/bin/pip install -q --upgrade pip
-	$(DEV_VENV)/bin/pip install -q -e '.[serve,train,dev]'
+	$(DEV_VENV)/bin/pip install -q -e '.[serve,train,dev,batch]'
 	touch $@
 
 serve: $(SERVE_VENV)/.installed  ## run the API on the bundled default model
@@ -47,7 +47,7 @@ clean:
 
 .PHONY: soak
 soak: $(DEV_VENV)/.installed  ## 4x overload, then SIGTERM under load, on a live uvicorn on 127.0.0.1 (~90 s)
-	$(DEV_VENV)/bin/python bench/soak.py $(SOAK_ARGS)
+	$(DEV_VENV)/bin/python -m bench.soak $(SOAK_ARGS)
 
 # pip-audit needs a vulnerability database: PyPI's JSON API (AUDIT_SERVICE=pypi) or OSV
 # (AUDIT_SERVICE=osv). A canary that has known advisories (urllib3 1.24.1) shows whether it

@@ -61,6 +61,21 @@ def graph_files(body: dict[str, Any]) -> dict[str, str]:
     return {part: name for part, name in body["files"].items() if part != "sha256"}
 
 
+def precision_parts(body: dict[str, Any], precision: str) -> dict[str, str]:
+    """The `files` parts holding the encoder and decoder graphs of `precision` (`fp32`, `fp16`).
+
+    Versions exported before fp16 existed have fp32 graphs only.
+    """
+    default = {"fp32": {"encoder": "encoder", "decoder": "decoder"}}
+    precisions = body.get("precisions", default)
+    if precision not in precisions:
+        raise ModelFolderError(
+            f"model {body.get('name')!r} v{body.get('version')} has no {precision} graphs "
+            f"(it has {sorted(precisions)}); export it again to get them"
+        )
+    return {graph: precisions[precision][graph] for graph in ("encoder", "decoder")}
+
+
 def read(folder: Path, verify: bool = True) -> dict[str, Any]:
     """Load `model.json`; with `verify`, check that every listed file exists and matches its sha256."""
     path = Path(folder) / MANIFEST

@@ -8,15 +8,11 @@ Importing this module never pulls in TensorFlow or onnxruntime.
 from __future__ import annotations
 
 import io
-import os
 import re
 import struct
 from dataclasses import dataclass
 
-# OpenCV's own guard against decompression bombs; must be set before cv2 is imported.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 26))
-
-import cv2
+import cv2  # OpenCV's own pixel guard is set in aecore/__init__.py, before any cv2 import
 import imagesize
 import numpy as np
 
@@ -141,11 +137,16 @@ def _jp2_codestream(data: bytes) -> int | None:
 
 
 def decode_rgb(data: bytes, max_pixels: int | None = None) -> np.ndarray:
-    """Decode image bytes to an RGB uint8 array [H, W, 3].
+    """Decode image bytes to an RGB uint8 array [H, W, 3] at full resolution.
 
     Refuses images above `max_pixels` from the header before decoding. Grayscale, alpha
     and 16-bit images are converted; multi-frame files give their first frame.
     """
+    return cv2.cvtColor(_decode_bgr(data, max_pixels), cv2.COLOR_BGR2RGB)
+
+
+def _decode_bgr(data: bytes, max_pixels: int | None) -> np.ndarray:
+    """Image bytes -> BGR uint8 [H, W, 3], OpenCV's own order (no colour swap yet)."""
     if not data:
         raise ImageDecodeError("empty file")
     if max_pixels is not None:
@@ -166,10 +167,10 @@ def decode_rgb(data: bytes, max_pixels: int | None = None) -> np.ndarray:
         raise ImageTooLargeError(
             f"image has {image.shape[0] * image.shape[1]} pixels, the limit is {max_pixels}"
         )
-    return _to_rgb8(image)
+    return _to_bgr8(image)
 
 
-def _to_rgb8(image: np.ndarray) -> np.ndarray:
+def _to_bgr8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -177,37 +178,48 @@ def _to_rgb8(image: np.ndarray) -> np.ndarray:
         image = np.clip(np.nan_to_num(image.astype(np.float32)) * 255.0 + 0.5, 0, 255)
         image = image.astype(np.uint8)
     if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     channels = image.shape[2]
     if channels == 1:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     if channels == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     if channels == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
     raise ImageDecodeError(f"unsupported channel count {channels}")
 
 
 def resize_rgb(rgb: np.ndarray, spec: ImageSpec) -> np.ndarray:
-    """Resize an RGB uint8 image to the model's size (uint8 out, so callers can store it small)."""
+    """Resize an RGB (or BGR: channels are independent) uint8 image to the model's size."""
     if rgb.shape[:2] == (spec.height, spec.width):
         return rgb
     return cv2.resize(rgb, (spec.width, spec.height), interpolation=_INTERPOLATION[spec.resize])
 
 
-def to_float(rgb: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [0, 1]; works on one image or a batch."""
-    return rgb.astype(np.float32) / np.float32(255.0)
+def load_rgb8(data: bytes, spec: ImageSpec, max_pixels: int | None = None) -> np.ndarray:
+    """Bytes -> RGB uint8 [H, W, 3] at the model's size: decode, resize, then swap the
+    colours, on the small image rather than at full resolution (the resize treats channels
+    independently, so the result is the same as swapping first)."""
+    return cv2.cvtColor(resize_rgb(_decode_bgr(data, max_pixels), spec), cv2.COLOR_BGR2RGB)
 
 
-def load_image(data: bytes, spec: ImageSpec, max_pixels: int | None = None) -> np.ndarray:
-    """Bytes -> float32 [H, W, 3] in [0, 1], exactly what the encoder expects."""
-    return to_float(resize_rgb(decode_rgb(data, max_pixels), spec))
+def to_float(rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 -> float32 in [0, 1]; works on one image or a batch; `out` is written in place."""
+    return np.divide(rgb, np.float32(255.0), out=out, dtype=np.float32)
+
+
+def load_image(
+    data: bytes, spec: ImageSpec, max_pixels: int | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Bytes -> float32 [H, W, 3] in [0, 1], exactly what the encoder expects (into `out`, a
+    slot of a batch, when given)."""
+    return to_float(load_rgb8(data, spec, max_pixels), out)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Decoder output in [0, 1] -> uint8, rounded and clipped."""
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    """Decoder output in [0, 1] -> uint8, rounded and clipped (NaN, from latents far outside
+    anything the encoder produces, becomes 0)."""
+    return np.clip(np.rint(np.nan_to_num(image * 255.0)), 0, 255).astype(np.uint8)
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -25,18 +25,19 @@ class Autoencoder:
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
         verify: bool = True,
+        precision: str = "fp32",
+        provider_options: list[dict[str, str]] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.manifest: dict[str, Any] = manifest.read(self.folder, verify=verify)
         self.spec = ImageSpec.from_manifest(self.manifest["input"])
         self.latent_dim = int(self.manifest["latent_dim"])
         self.intra_op_threads = intra_op_threads or default_threads()
-        files = self.manifest["files"]
-        self.encoder = open_session(
-            self.folder / files["encoder"], providers, self.intra_op_threads
-        )
-        self.decoder = open_session(
-            self.folder / files["decoder"], providers, self.intra_op_threads
+        self.precision = precision
+        files, parts = self.manifest["files"], manifest.precision_parts(self.manifest, precision)
+        self.encoder, self.decoder = (
+            self._open(files[parts[graph]], providers, provider_options)
+            for graph in ("encoder", "decoder")
         )
         enc_in, dec_in = self.encoder.get_inputs()[0], self.decoder.get_inputs()[0]
         if list(enc_in.shape[1:]) != list(self.spec.shape) or dec_in.shape[1] != self.latent_dim:
@@ -45,6 +46,9 @@ class Autoencoder:
                 f"{self.spec.shape} and latent {self.latent_dim}"
             )
         self._enc_input, self._dec_input = enc_in.name, dec_in.name
+
+    def _open(self, name: str, providers, provider_options) -> Any:
+        return open_session(self.folder / name, providers, self.intra_op_threads, provider_options)
 
     @property
     def name(self) -> str:
@@ -91,9 +95,12 @@ class Autoencoder:
         latents = self.encode_all(images, batch_size)
         return latents, self.decode_all(latents, batch_size)
 
-    def preprocess(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
-        """Encoded image bytes -> the float32 [H, W, 3] the encoder takes (the one pipeline)."""
-        return load_image(data, self.spec, max_pixels)
+    def preprocess(
+        self, data: bytes, max_pixels: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Encoded image bytes -> the float32 [H, W, 3] the encoder takes (the one pipeline),
+        written into `out` (a slot of a batch) when given."""
+        return load_image(data, self.spec, max_pixels, out)
 
 
 def _as_input(images: np.ndarray) -> np.ndarray:

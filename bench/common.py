@@ -90,14 +90,15 @@ def repeat(fn: Callable[[], object], seconds: float, min_calls: int = 5, warmup:
     return Timing(np.asarray(times), time.process_time() - cpu)
 
 
+def cell(value: Any) -> str:
+    """One figure as every table shows it: one decimal from 10 up, two below, '-' for none."""
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    return "-" if value is None else str(value)
+
+
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], title: str) -> str:
     """A plain-text table of `rows`: columns are (key, header) pairs."""
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
-        return "-" if value is None else str(value)
-
     body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
     headers = [header for _, header in columns]
     widths = [

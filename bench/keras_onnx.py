@@ -3,9 +3,9 @@
 Needs the `train` extra (TensorFlow, tf2onnx); without it both parts are skipped with a note.
 
 1. Keras vs onnxruntime: `build("spatial", (128, 128, 3), 1024)`, exported with
-   training.export.to_onnx into a temporary folder; the autoencoder (encoder then decoder) timed
+   training.onnx_export.export_graphs into a temporary folder; the autoencoder (encoder then decoder) timed
    at batch 8 and 32 in Keras (a compiled tf.function, training=False) and in onnxruntime
-   (aecore.graphs.open_session, the service's session options). The weights are the freshly
+   (aecore.runner.Autoencoder, the service's runner). The weights are the freshly
    initialised ones, the same in both: the speed of these graphs does not depend on the values.
 2. Reference vs default: the `seed` architecture built and exported the same way, its
    reconstruct (encoder + decoder) img/s at batch 8 against the served model's ONNX files.
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from aecore import manifest
-from aecore.graphs import default_threads, open_session
+from aecore.graphs import default_threads
 from aecore.preprocessing import ImageSpec, load_image
+from aecore.runner import Autoencoder
 from bench.common import (
     arguments,
     machine,
@@ -56,32 +57,32 @@ def real_images(spec: ImageSpec, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.resize(images, (n, *images.shape[1:])))
 
 
-def export(arch: str, spec: ImageSpec, latent_dim: int, folder: Path):
-    """Build `arch`, export both halves with the training code's exporter; Keras models too."""
+def export(arch: str, spec: ImageSpec, latent_dim: int, tmp: Path):
+    """Build `arch`, export it as a graph folder with the training code's exporter."""
     from training.architectures import build
-    from training.export import to_onnx
+    from training.onnx_export import export_graphs
 
     started = time.perf_counter()
     encoder, decoder = build(arch, spec.shape, latent_dim)
-    to_onnx(encoder, "image", "latent", folder / f"{arch}-encoder.onnx")
-    to_onnx(decoder, "latent", "image", folder / f"{arch}-decoder.onnx")
+    folder = tmp / arch
+    folder.mkdir()
+    export_graphs(encoder, decoder, folder, spec, arch, 1, arch)
     params = int(encoder.count_params() + decoder.count_params())
-    return encoder, decoder, params, time.perf_counter() - started
+    return encoder, decoder, folder, params, time.perf_counter() - started
 
 
-def ort_reconstruct(encoder_path: Path, decoder_path: Path):
-    """A function running images through both ONNX graphs, as the service's sessions would."""
-    enc, dec = open_session(encoder_path), open_session(decoder_path)
-    enc_in, dec_in = enc.get_inputs()[0].name, dec.get_inputs()[0].name
-    return lambda x: dec.run(None, {dec_in: enc.run(None, {enc_in: x})[0]})[0]
+def ort_reconstruct(folder: Path):
+    """A function running images through both ONNX graphs, as the service's runner does."""
+    model = Autoencoder(folder)
+    return lambda x: model.decode(model.encode(x))
 
 
 def keras_vs_onnxruntime(spec, latent_dim, tmp: Path, seconds: float) -> dict:
     import tensorflow as tf
 
-    encoder, decoder, params, export_s = export("spatial", spec, latent_dim, tmp)
+    encoder, decoder, folder, params, export_s = export("spatial", spec, latent_dim, tmp)
     keras_fn = tf.function(lambda x: decoder(encoder(x, training=False), training=False))
-    ort_fn = ort_reconstruct(tmp / "spatial-encoder.onnx", tmp / "spatial-decoder.onnx")
+    ort_fn = ort_reconstruct(folder)
     images = real_images(spec, max(KERAS_BATCHES))
     check = images[:4]
     max_abs = float(np.max(np.abs(keras_fn(tf.constant(check)).numpy() - ort_fn(check))))
@@ -121,18 +122,16 @@ def keras_vs_onnxruntime(spec, latent_dim, tmp: Path, seconds: float) -> dict:
 def architectures(spec, latent_dim, tmp: Path, seconds: float) -> dict:
     served = model_folder()
     card = manifest.read(served, verify=False)
-    _, _, seed_params, export_s = export("seed", spec, latent_dim, tmp)
+    _, _, seed_folder, seed_params, export_s = export("seed", spec, latent_dim, tmp)
     contenders = {
-        f"{card.get('architecture', '?')} (served: {card['name']} v{card['version']})": (
-            served / card["files"]["encoder"],
-            served / card["files"]["decoder"],
-        ),
-        "seed (reference, fresh weights)": (tmp / "seed-encoder.onnx", tmp / "seed-decoder.onnx"),
+        f"{card.get('architecture', '?')} (served: {card['name']} v{card['version']})": served,
+        "seed (reference, fresh weights)": seed_folder,
     }
     x = real_images(spec, ARCH_BATCH)
     rows = []
-    for name, (enc, dec) in contenders.items():
-        reconstruct = ort_reconstruct(enc, dec)
+    for name, folder in contenders.items():
+        reconstruct = ort_reconstruct(folder)
+        enc, dec = (folder / f"{part}.onnx" for part in ("encoder", "decoder"))
         stats = repeat(lambda fn=reconstruct: fn(x), seconds).stats(ARCH_BATCH)
         rows.append(
             {

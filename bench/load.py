@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import re
-import signal
-import socket
-import subprocess
+import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from aecore.preprocessing import load_rgb8
+from aecore.runner import Autoencoder
 from bench.common import (
     REPO,
     arguments,
@@ -36,94 +35,33 @@ from bench.common import (
     model_folder,
     model_record,
     request_jpeg,
+    scene_jpegs,
     table,
     write_json,
 )
+from tests.live import LiveServer, live_server
 
 CONCURRENCY = (1, 8, 32, 64)
 ENDPOINTS = ("encode", "reconstruct")
 MODES = {"on": {}, "off": {"AE_MAX_BATCH_SIZE": "1"}}  # batching on = the service's defaults
 WARMUP_S = 1.5
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the server --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    base: str
-    proc: subprocess.Popen
-    log: Path
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the server process, all its threads."""
-        return _cpu(Path(f"/proc/{self.proc.pid}/stat"))
-
-    def thread_cpu_seconds(self) -> dict[int, float]:
-        """User + system CPU of each thread of the server, by native thread id."""
-        out = {}
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            with contextlib.suppress(OSError):  # a thread may end meanwhile
-                out[int(task.name)] = _cpu(task / "stat")
-        return out
-
-
-def _cpu(stat: Path) -> float:
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 @contextlib.contextmanager
-def server(
-    env: dict[str, str], ready_timeout: float = 120.0, argv: list[str] | None = None
-) -> Iterator[Server]:
-    """`python -m service` on a free loopback port, ready (model loaded and warmed up).
-
-    `argv` replaces `python -m service` (say, a script that patches the service, then runs it);
-    it is given `--host 127.0.0.1 --port P` too.
-    """
-    port = free_port()
+def server(env: dict[str, str], argv: list[str] | None = None) -> Iterator[LiveServer]:
+    """The service as bench measures it: the model it would serve, this environment's `AE_*`
+    settings, then `env`; `argv` replaces `python -m service` (e.g. a patched service)."""
     folder = model_folder()
-    full_env = {
-        **os.environ,
+    settings = {
+        **{k: v for k, v in os.environ.items() if k.startswith("AE_")},
         "AE_MODEL_DIR": str(folder.parent.parent),
         "AE_MODEL_NAME": folder.parent.name,
         "AE_MODEL_VERSION": folder.name,
         **env,
     }
-    with tempfile.NamedTemporaryFile("w+", prefix="bench-server-", suffix=".log") as log:
-        proc = subprocess.Popen(
-            [*(argv or [sys.executable, "-m", "service"]), "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        srv = Server(f"http://127.0.0.1:{port}", proc, Path(log.name))
-        try:
-            deadline = time.monotonic() + ready_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited:\n{srv.log.read_text()[-4000:]}")
-                try:
-                    if httpx.get(f"{srv.base}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server was not ready in {ready_timeout:g} s")
-                time.sleep(0.2)
-            yield srv
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    with live_server(settings, argv) as srv:
+        yield srv
 
 
 # -- /metrics ----------------------------------------------------------------------------------
@@ -171,29 +109,82 @@ def window_metrics(before: dict, after: dict, endpoint: str, seconds: float) -> 
 
 
 # -- the load generator ------------------------------------------------------------------------
-def request_body(url: str, jpeg: bytes) -> tuple[bytes, dict[str, str]]:
-    """One multipart body with a real JPEG as the `images` file field, built once."""
+# How a request carries its images: (images per request, how to build the body once).
+BODIES = ("multipart", "jpeg", "npy32")
+NPY_IMAGES = 32
+
+
+def request_body(url: str, kind: str = "multipart") -> tuple[bytes, dict[str, str], int]:
+    """One request body, built once: (bytes, headers, images in it).
+
+    multipart: the real JPEG as the `images` file field; jpeg: the same file as the whole body
+    (`Content-Type: image/jpeg`); npy32: 32 preprocessed uint8 images in one .npy, as a client
+    that decodes video frames itself would send them.
+    """
+    jpeg = request_jpeg().read_bytes()
+    if kind == "jpeg":
+        return jpeg, {"content-type": "image/jpeg"}, 1
+    if kind == "npy32":
+        spec = Autoencoder(model_folder(), verify=False).spec
+        frames = np.stack([load_rgb8(p.read_bytes(), spec) for p in scene_jpegs()])
+        buf = io.BytesIO()
+        np.save(buf, np.resize(frames, (NPY_IMAGES, *frames.shape[1:])))
+        return buf.getvalue(), {"content-type": "application/x-npy"}, NPY_IMAGES
     request = httpx.Request("POST", url, files={"images": ("scene.jpg", jpeg, "image/jpeg")})
-    return request.read(), {"content-type": request.headers["content-type"]}
+    return request.read(), {"content-type": request.headers["content-type"]}, 1
 
 
-def check_reply(endpoint: str, reply: httpx.Response) -> None:
+def check_reply(endpoint: str, reply: httpx.Response, images: int) -> None:
     """The service answers the benchmark's request properly before it is timed."""
     reply.raise_for_status()
     body = reply.json()
     if endpoint == "encode":
-        assert len(body["latents"]) == 1 and len(body["latents"][0]) > 0, body.keys()
+        assert len(body["latents"]) == images and len(body["latents"][0]) > 0, body.keys()
     else:
-        assert len(body["images"]) == 1 and len(body["mse"]) == 1, body.keys()
+        assert len(body["images"]) == images and len(body["mse"]) == images, body.keys()
+
+
+async def onnxruntime_threads(srv: LiveServer) -> set[int]:
+    """The server's threads that run onnxruntime: each batcher's inference thread (`ort-*`)
+    and the native threads no Python runs in (onnxruntime's intra-op pools), per `py-spy dump`.
+    Empty when py-spy cannot attach (then no front-end figure is given)."""
+    found: set[int] = set()
+    for pid in srv.pids():
+        names = await thread_names(pid)
+        if not names:
+            return set()
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                tid = int(task.name)
+                if tid not in names or names[tid].startswith("ort-"):
+                    found.add(tid)
+    return found
+
+
+async def thread_names(pid: int) -> dict[int, str]:
+    """Native thread id -> Python thread name, from `py-spy dump` (empty if it fails)."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        return {}
+    proc = await asyncio.create_subprocess_exec(
+        exe, "dump", "--pid", str(pid), "--nonblocking",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    text, _ = await proc.communicate()
+    names = {}
+    for match in re.finditer(r'^Thread (\d+) \([^)]*\): "([^"]*)"', text.decode(), re.M):
+        names[int(match.group(1))] = match.group(2)
+    return names
 
 
 async def measure(
-    srv: Server,
+    srv: LiveServer,
     endpoint: str,
     concurrency: int,
     seconds: float,
     warmup: float = WARMUP_S,
     during: Callable[[], Awaitable[object]] | None = None,
+    body_kind: str = "multipart",
 ) -> dict:
     """Closed loop: `concurrency` clients, each sending its next request when one returns.
 
@@ -201,7 +192,7 @@ async def measure(
     least `seconds` and until it returns.
     """
     url = f"{srv.base}/{endpoint}"
-    body, headers = request_body(url, request_jpeg().read_bytes())
+    body, headers, per_request = request_body(url, body_kind)
     done: list[tuple[float, float, int]] = []  # (sent, answered, status or -1 for a failure)
     failures: dict[str, int] = {}
     stop = asyncio.Event()
@@ -214,7 +205,7 @@ async def measure(
             for _ in range(concurrency)
         ]
         control = await stack.enter_async_context(httpx.AsyncClient(timeout=30.0))
-        check_reply(endpoint, await control.post(url, content=body, headers=headers))
+        check_reply(endpoint, await control.post(url, content=body, headers=headers), per_request)
 
         async def one_user(client: httpx.AsyncClient) -> None:
             while not stop.is_set():
@@ -229,10 +220,11 @@ async def measure(
 
         tasks = [asyncio.create_task(one_user(client)) for client in users]
         await asyncio.sleep(warmup)
+        ort_threads = await onnxruntime_threads(srv)
         before = parse_metrics((await control.get(f"{srv.base}/metrics")).text)
-        cpu0, own0, t0 = srv.cpu_seconds(), time.process_time(), time.perf_counter()
+        threads0, own0, t0 = srv.thread_cpu_seconds(), time.process_time(), time.perf_counter()
         await asyncio.gather(asyncio.sleep(seconds), *([during()] if during else []))
-        t1, cpu1, own1 = time.perf_counter(), srv.cpu_seconds(), time.process_time()
+        t1, threads1, own1 = time.perf_counter(), srv.thread_cpu_seconds(), time.process_time()
         after = parse_metrics((await control.get(f"{srv.base}/metrics")).text)
         stop.set()
         await asyncio.gather(*tasks)
@@ -241,13 +233,21 @@ async def measure(
     ok = np.asarray([end - sent for sent, end, status in window if status == 200]) * 1000
     errors = [status for _, _, status in window if status != 200]
     elapsed = t1 - t0
+    images = len(ok) * per_request
     pct = np.percentile(ok, [50, 95, 99]) if len(ok) else [None] * 3
+    used = {tid: cpu - threads0.get(tid, 0.0) for tid, cpu in threads1.items()}
+    server_cpu, ort_cpu = sum(used.values()), sum(used.get(t, 0.0) for t in ort_threads)
+
+    def per_image(cpu: float) -> float | None:
+        return round(1000 * cpu / images, 3) if images else None
+
     return {
         "endpoint": endpoint,
+        "body": body_kind,
         "concurrency": concurrency,
         "seconds": round(elapsed, 2),
         "requests": len(window),
-        "img_per_s": round(len(ok) / elapsed, 2),
+        "img_per_s": round(images / elapsed, 2),
         "p50_ms": None if pct[0] is None else round(float(pct[0]), 2),
         "p95_ms": None if pct[1] is None else round(float(pct[1]), 2),
         "p99_ms": None if pct[2] is None else round(float(pct[2]), 2),
@@ -255,11 +255,13 @@ async def measure(
         "error_statuses": {str(s): errors.count(s) for s in sorted(set(errors))} or None,
         "failures": failures or None,
         # Cores in use over the window: 1.0 is one core busy the whole time.
-        "server_cores": round((cpu1 - cpu0) / elapsed, 2),
+        "server_cores": round(server_cpu / elapsed, 2),
         "loadgen_cores": round((own1 - own0) / elapsed, 2),
-        # CPU per answered image: what one image costs the machine, whatever else runs on it.
-        "server_cpu_ms_per_img": round(1000 * (cpu1 - cpu0) / len(ok), 2) if len(ok) else None,
-        "loadgen_cpu_ms_per_img": round(1000 * (own1 - own0) / len(ok), 2) if len(ok) else None,
+        # CPU per answered image: what one image costs the machine, whatever else runs on it;
+        # the front end is everything the server spends outside onnxruntime's threads.
+        "server_cpu_ms_per_img": per_image(server_cpu),
+        "frontend_cpu_ms_per_img": per_image(server_cpu - ort_cpu) if ort_threads else None,
+        "loadgen_cpu_ms_per_img": per_image(own1 - own0),
         **window_metrics(before, after, endpoint, elapsed),
     }
 
@@ -274,16 +276,45 @@ def run_loop(coro):
     return uvloop.run(coro)
 
 
+# (batching mode, endpoint, body) measured at every concurrency: every body on the main path,
+# the rest with single-image multipart requests.
+PLAN = (
+    ("on", "encode", "multipart"),
+    ("on", "encode", "jpeg"),
+    ("on", "encode", "npy32"),
+    ("on", "reconstruct", "multipart"),
+    ("off", "encode", "multipart"),
+    ("off", "reconstruct", "multipart"),
+)
+NAIVE = [sys.executable, "-m", "bench.naive"]
+
+
 def run(
     seconds: float,
     modes: dict[str, dict[str, str]] = MODES,
-    endpoints: tuple[str, ...] = ENDPOINTS,
+    plan: tuple[tuple[str, str, str], ...] = PLAN,
     concurrency: tuple[int, ...] = CONCURRENCY,
+    naive: tuple[int, ...] = (1, 32),
     echo=print,
 ) -> dict:
-    runs = []
-    settings = {}
+    """Every (mode, endpoint, body) of `plan` at every concurrency, then the naive app
+    (bench/naive.py: one onnxruntime call per request, no batching) at `naive` concurrencies."""
+    runs, settings = [], {}
+
+    def record(result: dict) -> None:
+        runs.append(result)
+        echo(
+            f"  {result['server']:13} {result['endpoint']:11} {result['body']:9} "
+            f"c={result['concurrency']:<3} {result['img_per_s']:7.1f} img/s  "
+            f"p50 {result['p50_ms'] or 0:7.1f} ms  p99 {result['p99_ms'] or 0:8.1f} ms  "
+            f"front end {result['frontend_cpu_ms_per_img']} ms/img  errors {result['errors']}",
+            flush=True,
+        )
+
     for mode, env in modes.items():
+        todo = [(endpoint, body) for m, endpoint, body in plan if m == mode]
+        if not todo:
+            continue
         with server(env) as srv:
             card = httpx.get(f"{srv.base}/model", timeout=10).json()
             settings[mode] = {
@@ -292,17 +323,15 @@ def run(
                 "providers": card.get("providers"),
                 "intra_op_threads": card.get("intra_op_threads"),
             }
-            for endpoint in endpoints:
+            for endpoint, body in todo:
                 for c in concurrency:
-                    result = {"batching": mode, **run_loop(measure(srv, endpoint, c, seconds))}
-                    runs.append(result)
-                    echo(
-                        f"  batching {mode:3} {endpoint:11} c={c:<3} {result['img_per_s']:7.1f} "
-                        f"img/s  p99 {result['p99_ms'] or 0:8.1f} ms  batch "
-                        f"{result.get('encoder', {}).get('mean_batch', '-')}  errors "
-                        f"{result['errors']}",
-                        flush=True,
-                    )
+                    result = run_loop(measure(srv, endpoint, c, seconds, body_kind=body))
+                    record({"server": f"batching {mode}", "batching": mode, **result})
+    if naive:
+        with server({}, argv=NAIVE) as srv:
+            for c in naive:
+                result = run_loop(measure(srv, "encode", c, seconds))
+                record({"server": "naive FastAPI", "batching": "naive", **result})
     return {
         "model": model_record(model_folder()),
         "request_jpeg": str(request_jpeg().relative_to(REPO)),
@@ -322,8 +351,9 @@ def report(result: dict) -> str:
         for r in result["runs"]
     ]
     columns = [
-        ("batching", "batching"),
+        ("server", "server"),
         ("endpoint", "endpoint"),
+        ("body", "body"),
         ("concurrency", "conc"),
         ("img_per_s", "img/s"),
         ("p50_ms", "p50 ms"),
@@ -335,9 +365,10 @@ def report(result: dict) -> str:
         ("server_cores", "srv cores"),
         ("loadgen_cores", "gen cores"),
         ("server_cpu_ms_per_img", "srv CPU ms/img"),
+        ("frontend_cpu_ms_per_img", "front end ms/img"),
         ("loadgen_cpu_ms_per_img", "gen CPU ms/img"),
     ]
-    return table(rows, columns, "Service under load (single-image multipart requests, loopback)")
+    return table(rows, columns, "Service under load (loopback; body: how images are sent)")
 
 
 def main() -> None:

@@ -5,15 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from bench.common import cell
+
 
 def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    def cell(value: Any) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
-        return str(value)
-
     lines = ["| " + " | ".join(h for _, h in columns) + " |"]
     lines.append("|" + "|".join("---:" if i else "---" for i in range(len(columns))) + "|")
     lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]

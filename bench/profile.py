@@ -20,7 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.load import Server, measure, run_loop, server
+from bench.common import REPO
+from bench.load import measure, run_loop, server, thread_names
+from tests.live import LiveServer
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<where>[^()]*)\)$")
 
@@ -44,20 +46,7 @@ async def record(pid: int, seconds: float, out: Path, native: bool, rate: int) -
         raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
 
 
-async def thread_names(pid: int) -> dict[int, str]:
-    """Native thread id -> Python thread name, from `py-spy dump`."""
-    proc = await asyncio.create_subprocess_exec(
-        py_spy(), "dump", "--pid", str(pid), "--nonblocking",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    text, _ = await proc.communicate()
-    names = {}
-    for match in re.finditer(r'^Thread (\d+) \([^)]*\): "([^"]*)"', text.decode(), re.M):
-        names[int(match.group(1))] = match.group(2)
-    return names
-
-
-async def cpu_by_thread(srv: Server, seconds: float, into: dict) -> None:
+async def cpu_by_thread(srv: LiveServer, seconds: float, into: dict) -> None:
     """CPU of each server thread over `seconds`, grouped by Python thread name; threads that
     run no Python (onnxruntime's intra-op pool) are `native`."""
     names = await thread_names(srv.proc.pid)
@@ -109,7 +98,7 @@ def _short(frame: str) -> str:
     if not match:
         return frame
     where = match.group("where")
-    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+    for marker in ("site-packages/", f"{REPO}/", "lib/python3"):
         if marker in where:
             where = where.split(marker, 1)[1]
     return f"{match.group('func')} ({where.rsplit(':', 1)[0]})"

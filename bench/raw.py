@@ -1,7 +1,7 @@
 """The raw limit: onnxruntime alone on the served model files, and image decode + preprocess.
 
 Encoder and decoder img/s at batch 1, 8, 32 and 64 on arrays already in memory, with the
-service's own session options (aecore.graphs.open_session). Image decode + preprocess
+service's own session options (aecore.runner.Autoencoder). Image decode + preprocess
 (aecore.preprocessing.load_image) on the fixture JPEGs, and PNG encoding of outputs. These are
 the ceilings the service is measured against.
 
@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from aecore import manifest
-from aecore.graphs import default_threads, open_session
+from aecore.graphs import default_threads
 from aecore.preprocessing import ImageSpec, encode_png, load_image
+from aecore.runner import Autoencoder
 from bench.common import (
     REPO,
     arguments,
@@ -34,20 +35,17 @@ BATCHES = (1, 8, 32, 64)
 
 
 def graphs(folder, seconds: float) -> list[dict]:
-    card = manifest.read(folder, verify=False)
-    spec = ImageSpec.from_manifest(card["input"])
-    encoder = open_session(folder / card["files"]["encoder"])
-    decoder = open_session(folder / card["files"]["decoder"])
-    enc_in, dec_in = encoder.get_inputs()[0].name, decoder.get_inputs()[0].name
+    model = Autoencoder(folder)
+    spec = model.spec
     # Real images, preprocessed once, tiled up to the largest batch.
     images = np.stack([load_image(p.read_bytes(), spec) for p in scene_jpegs()])
     images = np.resize(images, (max(BATCHES), *images.shape[1:]))
-    latents = encoder.run(None, {enc_in: images})[0]
+    latents = model.encode(images)
     rows = []
     for n in BATCHES:
         x, z = np.ascontiguousarray(images[:n]), np.ascontiguousarray(latents[:n])
-        enc = repeat(lambda x=x: encoder.run(None, {enc_in: x}), seconds).stats(n)
-        dec = repeat(lambda z=z: decoder.run(None, {dec_in: z}), seconds).stats(n)
+        enc = repeat(lambda x=x: model.encode(x), seconds).stats(n)
+        dec = repeat(lambda z=z: model.decode(z), seconds).stats(n)
         # Reconstruct = encoder then decoder on the same rows: its rate follows from the two.
         both = 1.0 / (1.0 / enc["img_per_s"] + 1.0 / dec["img_per_s"])
         rows.append(

@@ -1,6 +1,6 @@
 """Soak: the service at 4x its sustainable load, then a graceful shutdown under load.
 
-`python bench/soak.py` (`make soak`) starts `python -m service` on 127.0.0.1 as its own
+`python -m bench.soak` (`make soak`) starts `python -m service` on 127.0.0.1 as its own
 process and drives it from this one with asyncio (httpx for the probes). Only loopback; every
 phase is bounded in time (about 85 s in all with the defaults):
 
@@ -28,22 +28,19 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import orjson
 
-REPO = Path(__file__).resolve().parent.parent
+from aecore.machine import machine
+from tests.live import REPO, LiveServer, live_server
+
 KEEP_ALIVE_S = 4.0  # reuse an idle connection only this long (uvicorn closes them after 5 s)
 IMAGE = sorted((REPO / "tests" / "fixtures" / "scenes").glob("*/*.jpg"))[0]
 
@@ -59,59 +56,6 @@ class Outcome:
     @property
     def latency(self) -> float:
         return self.ended - self.started
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    base: str
-    log: object
-    rss_samples: list[float] = field(default_factory=list)
-
-    def rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-        return 0.0
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(env: dict[str, str]) -> Server:
-    port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
-    full_env.update({"AE_MODEL_DIR": str(REPO / "models"), "AE_LOG_LEVEL": "warning", **env})
-    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed with the process, below)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited at start-up:\n{server.output()[-3000:]}")
-        try:
-            if httpx.get(f"{server.base}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("the server was not ready in 120 s")
-        time.sleep(0.2)
 
 
 def encode_request(host: str, image: bytes) -> bytes:
@@ -269,9 +213,9 @@ class Load:
         self.idle.clear()
 
 
-async def sample_rss(server: Server, stop: asyncio.Event) -> None:
+async def sample_rss(server: LiveServer, into: list[float], stop: asyncio.Event) -> None:
     while not stop.is_set():
-        server.rss_samples.append(server.rss_mb())
+        into.append(server.rss_mb())
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2)
 
@@ -320,7 +264,7 @@ async def run(args: argparse.Namespace) -> dict:
         "overload_s": args.overload_s,
         "checks": {},
     }
-    phases: dict[str, float] = {}
+    result["phases_s"] = phases = {}
     mark = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -329,10 +273,15 @@ async def run(args: argparse.Namespace) -> dict:
         phases[name] = round(now - mark, 1)
         mark = now
 
-    server = start_server(env)
-    lap("start")
+    with live_server({"AE_LOG_LEVEL": "warning", **env}) as server:
+        lap("start")
+        return await _phases(server, args, result, lap)
+
+
+async def _phases(server: LiveServer, args: argparse.Namespace, result: dict, lap) -> dict:
+    samples: list[float] = []
     stop_sampling = asyncio.Event()
-    sampler = asyncio.create_task(sample_rss(server, stop_sampling))
+    sampler = asyncio.create_task(sample_rss(server, samples, stop_sampling))
     load = Load(server.base, args.connections, args.client_timeout_s)
     try:
         # 1. calibrate
@@ -385,11 +334,6 @@ async def run(args: argparse.Namespace) -> dict:
     finally:
         stop_sampling.set()
         await sampler
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
-    result["phases_s"] = phases
-    samples = server.rss_samples
     result["rss_mb"] = {
         "after_warm_up": round(rss_start, 1),
         "after_overload": round(rss_after_load, 1),
@@ -417,7 +361,7 @@ async def run(args: argparse.Namespace) -> dict:
     return result
 
 
-async def shutdown(server: Server, args: argparse.Namespace) -> dict:
+async def shutdown(server: LiveServer, args: argparse.Namespace) -> dict:
     """Closed-loop load and a /readyz poller, SIGTERM mid-way, then watch them end."""
     load = Load(server.base, args.users, args.client_timeout_s)
     probe = httpx.AsyncClient(base_url=server.base, timeout=2)
@@ -466,25 +410,6 @@ async def shutdown(server: Server, args: argparse.Namespace) -> dict:
     }
 
 
-def machine() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load1, load5, _ = os.getloadavg()
-    return {
-        "host": platform.node(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "loadavg_at_start": [round(load1, 2), round(load5, 2)],
-    }
-
-
 def report(result: dict) -> str:
     m, c, o, r, d = (
         result[k] for k in ("machine", "calibrate", "overload", "recovery", "shutdown")
@@ -492,7 +417,7 @@ def report(result: dict) -> str:
     rss = result["rss_mb"]
     phases = (c, o, d["load"])
     lines = [
-        f"machine: {m['cpu']} x{m['cores']}, python {m['python']}, "
+        f"machine: {m['cpu']} x{m['cpu_count']}, python {m['python']}, "
         f"load average at start {m['loadavg_at_start']}",
         f"server: {' '.join(f'{k}={v}' for k, v in result['server_env'].items())}",
         f"calibrate: {c['sustainable_rps']} req/s sustainable with {result['users']} users "

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import glob
+import os
+import tempfile
 
 import uvicorn
 
 from service.app import create_app
+from service.logs import log_config
 from service.settings import get_settings
 
 
@@ -17,16 +20,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    uvicorn.run(
-        create_app(settings),
+    common = dict(
         host=args.host,
         port=args.port,
         log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
         timeout_graceful_shutdown=30,
     )
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    # Several processes share the port; each builds its own app (sessions, batchers) from the
+    # same environment, and their metrics meet in one folder that /metrics sums.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_folder()
+    uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+
+
+def metrics_folder() -> str:
+    """The operator's PROMETHEUS_MULTIPROC_DIR, emptied (stale samples of a previous run
+    would be summed in), or a new temporary folder."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return tempfile.mkdtemp(prefix="convae-metrics-")
+    os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(folder, "*.db")):
+        os.remove(stale)
+    return folder
 
 
 if __name__ == "__main__":

@@ -12,10 +12,21 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors
-from service.handlers import anomaly, decode, encode, health, interpolate, reconstruct, ui
-from service.limits import BodySizeLimit, InFlightLimit
+from service import errors, openapi
+from service.handlers import (
+    anomaly,
+    decode,
+    encode,
+    health,
+    interpolate,
+    reconstruct,
+    repository,
+    ui,
+    v2,
+)
+from service.limits import Admission, BodySizeLimit
 from service.metrics import Metrics
+from service.request_id import RequestId
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
 
@@ -89,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runtime = Runtime(settings, metrics)
+        runtime.on_change.append(lambda: setattr(app, "openapi_schema", None))  # redescribe
         await runtime.load()  # a missing model or AE_REQUIRE_GPU without a GPU stops start-up
         app.state.runtime = runtime
         restore_signals = _unready_on_exit_signals(runtime)
@@ -97,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             restore_signals()
             await runtime.close()
+            metrics.worker_exited()
 
     app = FastAPI(
         title="Convolutional autoencoder service",
@@ -109,12 +122,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.runtime = None
     errors.install(app)
-    for module in (encode, decode, reconstruct, anomaly, interpolate, health, ui):
+    openapi.install(app, settings)
+    for module in (encode, decode, reconstruct, anomaly, interpolate, health, ui, v2, repository):
         app.include_router(module.router)
-    # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE).
+    # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE),
+    # and their bodies in bytes (AE_MAX_INFLIGHT_BYTES).
     app.add_middleware(
-        InFlightLimit, limit=settings.max_queue_size, retry_after_s=settings.retry_after_s
+        Admission,
+        max_requests=settings.max_queue_size,
+        max_bytes=settings.max_inflight_bytes,
+        retry_after_s=settings.retry_after_s,
     )
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestId)  # outermost: every log line of the request carries its id
     return app

@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader
 
-from service.errors import Overloaded, Unauthorized
+from service.errors import Unauthorized, Unavailable
+from service.repository import Served
 from service.runtime import Runtime
 from service.settings import Settings
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="AE_API_KEY")
 
 
-def get_settings(request: Request) -> Settings:
+# Every dependency is `async def`: FastAPI runs a plain `def` one in the thread pool, a thread
+# hop per dependency per request for work that takes microseconds.
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime | None = request.app.state.runtime
     settings: Settings = request.app.state.settings
     if runtime is None or not runtime.ready:
-        raise Overloaded("the model is loading; retry shortly", "not_ready", settings.retry_after_s)
+        raise Unavailable(
+            "the model is not loaded, or the server is shutting down; retry shortly",
+            "not_ready",
+            settings.retry_after_s,
+        )
     return runtime
 
 
@@ -31,7 +41,7 @@ ApiKey = Annotated[str | None, Security(_api_key_header)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def require_api_key(key: ApiKey, settings: SettingsDep) -> None:
+def _check_key(key: str | None, settings: Settings) -> None:
     if settings.api_key is None:
         return
     expected = settings.api_key.get_secret_value().encode()
@@ -40,9 +50,31 @@ def require_api_key(key: ApiKey, settings: SettingsDep) -> None:
         raise Unauthorized("missing or wrong X-API-Key header")
 
 
-def require_metrics_key(key: ApiKey, settings: SettingsDep) -> None:
+async def require_api_key(key: ApiKey, settings: SettingsDep) -> None:
+    _check_key(key, settings)
+
+
+async def require_metrics_key(key: ApiKey, settings: SettingsDep) -> None:
     if settings.protect_metrics:
-        require_api_key(key, settings)
+        _check_key(key, settings)
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+async def get_served(
+    runtime: RuntimeDep,
+    model: Annotated[
+        str | None, Query(description="a served model (GET /models); default AE_MODEL_NAME")
+    ] = None,
+    version: Annotated[
+        int | None, Query(gt=0, description="one of its served versions; default the highest")
+    ] = None,
+) -> AsyncIterator[Served]:
+    """The model version a request runs on, held (leased) until the request is answered: a
+    version retired meanwhile finishes this request before it stops."""
+    with runtime.repository.resolve(model, version).lease() as served:
+        yield served
+
+
+ServedDep = Annotated[Served, Depends(get_served)]

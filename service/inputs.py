@@ -1,4 +1,5 @@
-"""Reading request bodies: images (multipart or JSON base64), latents (JSON or .npy), params.
+"""Reading request bodies: images (multipart, JSON base64, one raw image file, or a .npy of
+preprocessed tensors), latents (JSON or .npy), and the other parameters.
 
 Limits (image count, pixels) are checked before anything is decoded; the body-size limit is
 enforced while the body streams in (see `service.limits`).
@@ -12,6 +13,7 @@ import binascii
 import io
 import math
 from dataclasses import dataclass
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
@@ -19,21 +21,29 @@ import orjson
 from fastapi import Request
 from numpy.lib import format as npy_format
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from aecore.preprocessing import ImageDecodeError, ImageTooLargeError
+from aecore.preprocessing import ImageDecodeError, ImageSpec, ImageTooLargeError, to_float
 from service import errors
 from service.responses import NPY
 
 
 @dataclass
 class Parsed:
-    """A request body: image bytes and/or latents, plus any other fields it carried."""
+    """A request body: image files, preprocessed image tensors or latents, plus any other
+    fields it carried."""
 
     images: list[bytes] | None
     latents: np.ndarray | None
     fields: dict[str, Any]
     form: bool = False  # multipart: other fields arrive as strings
+    tensors: np.ndarray | None = None  # a .npy of images the client preprocessed itself
+
+    @property
+    def image_count(self) -> int:
+        if self.tensors is not None:
+            return len(self.tensors)
+        return len(self.images or ())
 
 
 def media_type(request: Request) -> str:
@@ -55,58 +65,105 @@ async def read_json(request: Request) -> dict[str, Any]:
     return payload
 
 
-async def parse_body(request: Request, max_images: int, accept_latents: bool) -> Parsed:
-    """Dispatch on Content-Type: multipart images, JSON images/latents, or a .npy latent array."""
+class _ImageFormParser(MultiPartParser):
+    """Starlette's multipart parser, counting file parts itself: past `max_images` it stops
+    reading at once with 413 `too_many_images` (no spooled file is kept)."""
+
+    def __init__(self, request: Request, max_images: int) -> None:
+        super().__init__(request.headers, request.stream(), max_fields=32)
+        self.max_images = max_images
+        self.files = 0
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()  # opens a spooled file for a part with a filename
+        if self._current_part.file is None:
+            return
+        self.files += 1
+        if self.files > self.max_images:
+            raise errors.TooManyImages(
+                f"more than {self.max_images} images in one request; the limit is {self.max_images}"
+            )
+
+
+async def _form(request: Request, max_images: int) -> Parsed:
+    try:
+        form = await _ImageFormParser(request, max_images).parse()
+    except MultiPartException as exc:
+        raise errors.InvalidMultipart(f"the multipart body is malformed: {exc.message}") from None
+    try:
+        values = form.getlist("images")
+        if any(isinstance(v, str) for v in values):
+            raise errors.InvalidRequest(
+                "multipart `images` must be file fields (curl -F images=@a.jpg)"
+            )
+        images = [await v.read() for v in values if isinstance(v, UploadFile)]
+        fields = {k: v for k, v in form.items() if k != "images"}
+    finally:
+        await form.close()  # the spooled upload files, on every path
+    return Parsed(images or None, None, fields, form=True)
+
+
+async def _json(request: Request, max_images: int, accept_latents: bool) -> Parsed:
+    payload = await read_json(request)
+    for key in ("images", "latents"):
+        if key in payload and payload[key] is None:  # the document has no null; nor do we
+            raise errors.InvalidRequest(f"`{key}` is null; leave it out or send a list")
+    images = payload.get("images")
+    if images is not None:
+        if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
+            raise errors.InvalidRequest("`images` must be a list of base64 strings")
+        if not images:
+            raise errors.InvalidRequest("`images` is empty; send at least one image")
+        _check_count(len(images), max_images)
+        images = [_b64(s, i) for i, s in enumerate(images)]
+    latents = payload.get("latents") if accept_latents else None
+    rest = {k: v for k, v in payload.items() if k not in ("images", "latents")}
+    return Parsed(images, None if latents is None else as_latents(latents), rest)
+
+
+async def parse_body(
+    request: Request, max_images: int, *, latents: bool = False, raw_images: bool = False
+) -> Parsed:
+    """Dispatch on Content-Type: multipart or JSON images (JSON latents too with `latents`),
+    a .npy of latents (`latents`) or of preprocessed images (`raw_images`), or one image file
+    as the whole body (`raw_images`: `image/jpeg`, `image/png`, ...: no multipart parsing).
+
+    Only the body's structure is checked here: image bytes are decoded later, once the
+    handler has checked every parameter and count.
+    """
     kind = media_type(request)
     if kind == "multipart/form-data":
-        try:
-            form = await request.form(max_files=max_images + 1, max_fields=32)
-        except HTTPException as exc:  # starlette's 400 for a malformed or oversized form
-            if str(exc.detail).startswith("Too many files"):
-                raise errors.TooManyImages(
-                    f"more than {max_images} images in one request; the limit is {max_images}"
-                ) from None
-            raise
-        try:
-            uploads = [v for v in form.getlist("images") if isinstance(v, UploadFile)]
-            strings = [v for v in form.getlist("images") if isinstance(v, str)]
-            if strings:
-                raise errors.InvalidRequest(
-                    "multipart `images` must be file fields (curl -F images=@a.jpg)"
-                )
-            _check_count(len(uploads), max_images)
-            images = [await u.read() for u in uploads]
-            fields = {k: v for k, v in form.items() if k != "images"}
-        finally:
-            await form.close()  # the spooled upload files, on every path
-        return Parsed(images or None, None, fields, form=True)
+        return await _form(request, max_images)
     if kind == "application/json":
-        payload = await read_json(request)
-        images = payload.get("images")
-        latents = payload.get("latents") if accept_latents else None
-        if images is not None:
-            if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
-                raise errors.InvalidRequest("`images` must be a list of base64 strings")
-            _check_count(len(images), max_images)
-            images = [_b64(s, i) for i, s in enumerate(images)]
-        rest = {k: v for k, v in payload.items() if k not in ("images", "latents")}
-        return Parsed(images, None if latents is None else as_latents(latents), rest)
-    if kind == NPY and accept_latents:
-        return Parsed(None, _npy(await request.body()), {})
+        return await _json(request, max_images, latents)
+    if kind == NPY and latents:
+        return Parsed(None, validate_latents(_npy(await request.body(), errors.InvalidLatents)), {})
+    if kind == NPY and raw_images:
+        tensors = _npy(await request.body(), errors.InvalidTensor)
+        if tensors.ndim == 4:  # [N, H, W, 3]; any other shape is refused by its check
+            _check_count(len(tensors), max_images)
+        return Parsed(None, None, {}, tensors=tensors)
+    if kind.startswith("image/") and raw_images:
+        body = await request.body()
+        if not body:
+            raise errors.InvalidRequest(f"the {kind} body is empty; send the image file")
+        return Parsed([body], None, {})
     accepted = "multipart/form-data or application/json"
-    if accept_latents:
+    if raw_images:
+        accepted += f", one image file (image/jpeg, image/png, ...) or {NPY} image tensors"
+    elif latents:
         accepted += f" or {NPY}"
     raise errors.UnsupportedMediaType(
         f"Content-Type {kind or '(none)'!r} is not supported; send {accepted}"
     )
 
 
-def require_images(parsed: Parsed) -> list[bytes]:
-    if not parsed.images:
+def require_images(parsed: Parsed) -> Parsed:
+    if parsed.tensors is None and not parsed.images:  # tensors are checked by their shape
         raise errors.InvalidRequest(
             'no images: send multipart file fields named `images` or JSON {"images": [base64...]}'
         )
-    return parsed.images
+    return parsed
 
 
 def _check_count(count: int, limit: int) -> None:
@@ -135,13 +192,13 @@ def as_latents(value: Any) -> np.ndarray:
         raise errors.InvalidLatents(
             "latents must contain numbers only (no strings, bools or nulls)"
         )
-    if array.ndim == 1:
+    if array.ndim == 1 and array.size:
         array = array[None, :]
     return validate_latents(array)
 
 
 def validate_latents(array: np.ndarray, latent_dim: int | None = None) -> np.ndarray:
-    if array.ndim != 2 or array.shape[0] == 0:
+    if array.ndim != 2 or 0 in array.shape:
         raise errors.InvalidLatents(
             f"latents must be [N, latent_dim], got shape {list(array.shape)}"
         )
@@ -159,7 +216,8 @@ def validate_latents(array: np.ndarray, latent_dim: int | None = None) -> np.nda
 _NPY_HEADERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
 
-def _npy(body: bytes) -> np.ndarray:
+def _npy(body: bytes, error: type[errors.ApiError]) -> np.ndarray:
+    """A numeric array from a .npy body, its header checked before anything is allocated."""
     buf = io.BytesIO(body)
     try:
         # The header first: numpy allocates whatever shape it declares before reading the data,
@@ -169,7 +227,7 @@ def _npy(body: bytes) -> np.ndarray:
             raise ValueError(f".npy format version {version} is not supported; use 1.0 or 2.0")
         shape, _, dtype = _NPY_HEADERS[version](buf)
         if dtype.kind not in "iuf":
-            raise errors.InvalidLatents(f".npy latents must be numeric, got dtype {dtype}")
+            raise error(f"a .npy body must be numeric, got dtype {dtype}")
         declared, present = math.prod(shape) * dtype.itemsize, len(body) - buf.tell()
         if declared != present:
             raise ValueError(
@@ -177,18 +235,48 @@ def _npy(body: bytes) -> np.ndarray:
             )
         buf.seek(0)
         array = np.load(buf, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise errors.InvalidLatents(f"the body is not a valid .npy array: {exc}") from None
-    return validate_latents(array)
+    except (ValueError, OSError, EOFError, SyntaxError, TokenError) as exc:
+        # numpy parses the header as a Python literal: a broken one raises tokenizer errors.
+        raise error(f"the body is not a valid .npy array: {exc}") from None
+    return array
+
+
+def validate_tensors(array: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """Client-preprocessed images -> float32 [N, H, W, 3] in [0, 1], as `load_image` makes.
+
+    uint8 is scaled exactly as the service's own preprocessing does; float32 must already be
+    in [0, 1]. The size must be the model's: resizing is the client's side of the bargain.
+    """
+    if array.ndim != 4 or array.shape[0] == 0 or tuple(array.shape[1:]) != spec.shape:
+        raise errors.InvalidTensor(
+            f"image tensors must be [N, {', '.join(map(str, spec.shape))}] (NHWC, RGB), "
+            f"got shape {list(array.shape)}"
+        )
+    if array.dtype == np.uint8:
+        return to_float(array)
+    if array.dtype != np.float32:
+        raise errors.InvalidTensor(f"image tensors must be uint8 or float32, got {array.dtype}")
+    if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
+        raise errors.InvalidTensor("float32 image tensors must be finite and in [0, 1]")
+    return np.ascontiguousarray(array)
+
+
+async def preprocess(model, parsed: Parsed, max_pixels: int, pool) -> np.ndarray:
+    """The float32 [N, H, W, 3] batch of a request: its tensors checked, or its files decoded."""
+    if parsed.tensors is not None:
+        return validate_tensors(parsed.tensors, model.spec)
+    return await decode_images(model, parsed.images, max_pixels, pool)
 
 
 async def decode_images(model, blobs: list[bytes], max_pixels: int, pool) -> np.ndarray:
-    """Decode and preprocess every image in the thread pool; fail naming the first bad index."""
+    """Decode and preprocess every image in the thread pool straight into its slot of one
+    batch buffer (no stacking afterwards); fail naming the first bad index."""
     loop = asyncio.get_running_loop()
+    batch = np.empty((len(blobs), *model.spec.shape), np.float32)
 
     def one(index: int, data: bytes) -> np.ndarray:
         try:
-            return model.preprocess(data, max_pixels)
+            return model.preprocess(data, max_pixels, out=batch[index])
         except ImageTooLargeError as exc:
             raise errors.ImageTooLarge(f"images[{index}]: {exc}") from None
         except ImageDecodeError as exc:
@@ -201,4 +289,4 @@ async def decode_images(model, blobs: list[bytes], max_pixels: int, pool) -> np.
     for result in results:  # the lowest bad index wins, whatever finished first
         if isinstance(result, BaseException):
             raise result
-    return np.stack(results)
+    return batch

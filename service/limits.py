@@ -1,11 +1,22 @@
-"""Body-size limit as ASGI middleware: refuses a declared Content-Length at once, and stops a
-chunked or slowly streamed body as soon as it passes the limit, before it is buffered whole."""
+"""Body size and admission control as ASGI middleware.
+
+`BodySizeLimit` refuses a declared Content-Length at once, and stops a chunked or slowly
+streamed body as soon as it passes the limit, before it is buffered whole.
+
+`Admission` bounds what inference requests (POST) hold in memory, in requests and in bytes:
+the bytes of every body in flight count from their first chunk (a body still streaming holds
+memory too) until the request is answered. A request that would pass either bound is answered
+429 `overloaded` with Retry-After: at once when it arrives while the server is full (the cheap
+path that keeps an overloaded server responsive), else from inside its body read, before any
+of its images is decoded. Images in flight are bounded by the runtime (`Runtime.admit`), once a
+request's image count is known.
+"""
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Overloaded, PayloadTooLarge, error_response
+from service.errors import Busy, PayloadTooLarge, error_response
 
 
 class BodySizeLimit:
@@ -24,6 +35,7 @@ class BodySizeLimit:
                 413,
                 "payload_too_large",
                 f"the body has {int(declared)} bytes; the limit is {limit}",
+                path=scope["path"],
             )
             await response(scope, receive, send)
             return
@@ -42,27 +54,22 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
-class InFlightLimit:
-    """Admission control: at most `limit` inference requests (POST) being worked on at once.
+class Admission:
+    """Requests are counted once their body is whole (a slow upload holds no place), bytes
+    from their first chunk (a body still streaming holds memory)."""
 
-    The batcher's queue is bounded, but a request only reaches it after its body has been
-    parsed and its images decoded; under overload that work piled up in front of the queue,
-    nothing was refused and latency grew without bound. A request is admitted when its body
-    has arrived whole (so a slow upload holds no place) and counted until it is answered.
-    Past the limit it is answered 503: at once when it arrives while the server is full (the
-    cheap path that keeps an overloaded server responsive), else when its body is complete,
-    before any of its images is decoded.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int) -> None:
+    def __init__(self, app: ASGIApp, max_requests: int, max_bytes: int, retry_after_s: int):
         self.app = app
-        self.limit = limit
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
         self.retry_after_s = retry_after_s
-        self.in_flight = 0
+        self.requests = 0
+        self.bytes = 0
 
-    def _overloaded(self) -> Overloaded:
-        return Overloaded(
-            f"{self.in_flight} requests in progress, the limit is {self.limit}; retry later",
+    def _busy(self) -> Busy:
+        return Busy(
+            f"{self.requests} requests and {self.bytes} body bytes in progress, the limits are "
+            f"{self.max_requests} and {self.max_bytes}; retry later",
             "overloaded",
             self.retry_after_s,
         )
@@ -71,27 +78,35 @@ class InFlightLimit:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
-            exc = self._overloaded()
-            await error_response(exc.status, exc.code, exc.message, exc.headers)(
+        if self.requests >= self.max_requests or self.bytes >= self.max_bytes:
+            exc = self._busy()
+            await error_response(exc.status, exc.code, exc.message, exc.headers, scope["path"])(
                 scope, receive, send
             )
             return
-        admitted = False
+        held, admitted = 0, False
 
         async def admitting_receive() -> Message:
-            nonlocal admitted
+            nonlocal held, admitted
             message = await receive()
-            last = message["type"] == "http.request" and not message.get("more_body", False)
-            if last and not admitted:
-                if self.in_flight >= self.limit:
-                    raise self._overloaded()  # inside the handler's body read: the app answers
-                self.in_flight += 1
+            if message["type"] != "http.request":
+                return message
+            size = len(message.get("body", b""))
+            # Raised inside the handler's body read: the app answers, nothing is decoded.
+            if self.bytes + size > self.max_bytes:
+                raise self._busy()
+            self.bytes += size
+            held += size
+            if not message.get("more_body", False) and not admitted:
+                if self.requests >= self.max_requests:
+                    raise self._busy()
+                self.requests += 1
                 admitted = True
             return message
 
         try:
             await self.app(scope, admitting_receive, send)
         finally:
+            self.bytes -= held
             if admitted:
-                self.in_flight -= 1
+                self.requests -= 1

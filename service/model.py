@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from aecore.anomaly import AnomalyScorers, Evidence
+from aecore.graphs import gpu_provider_options
 from aecore.preprocessing import encode_png
 from aecore.runner import Autoencoder
 
@@ -44,16 +45,27 @@ class AutoencoderModel(Autoencoder):
         providers: list[str] | None = None,
         require_gpu: bool = False,
         intra_op_threads: int | None = None,
+        precision: str = "fp32",
+        cudnn_search: str = "EXHAUSTIVE",
+        trt_cache: Path | None = None,
     ) -> None:
         requested = choose_providers(providers or [])
-        super().__init__(folder, requested, intra_op_threads, verify=True)
+        folder = Path(folder)
+        # Engines are machine-specific and rebuilt at will: beside the versions, never in one.
+        cache = trt_cache or folder.parent / ".trt-cache" / folder.name
+        options = gpu_provider_options(requested, cache, precision, cudnn_search)
+        super().__init__(folder, requested, intra_op_threads, True, precision, options)
         self.requested_providers = requested
         self.scorers = AnomalyScorers(self.manifest["anomaly"], self.folder)
-        if require_gpu and not any(p in GPU_PROVIDERS for p in self.providers):
+        if require_gpu and not self.on_gpu:
             raise GpuUnavailable(
                 f"AE_REQUIRE_GPU is set but onnxruntime uses {self.providers} "
                 f"(asked for {requested}); check the CUDA/cuDNN libraries and the GPU runtime"
             )
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(p in GPU_PROVIDERS for p in self.providers)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> float:
         """Run each graph once per batch size so the first request pays no set-up cost."""
@@ -77,4 +89,5 @@ class AutoencoderModel(Autoencoder):
             "providers": self.providers,
             "requested_providers": self.requested_providers,
             "intra_op_threads": self.intra_op_threads,
+            "precision": self.precision,
         }

@@ -1,20 +1,21 @@
-"""What the app holds while it runs: the model, one batcher per graph, the decode thread pool."""
+"""What the app holds while it runs: the model repository, the decode thread pool, and the
+limits and metrics every loaded model shares."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
-import numpy as np
-
-from aecore import manifest
 from aecore.graphs import default_threads
-from service.batcher import Batcher
-from service.inputs import decode_images
+from service.errors import Busy
 from service.metrics import Metrics
 from service.model import AutoencoderModel
+from service.repository import Repository, Served
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,79 +25,105 @@ class Runtime:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.model: AutoencoderModel | None = None
-        self.ready = False
+        self._ready = False
+        self.images_in_flight = 0
         # OpenCV releases the GIL, so decoding and PNG encoding scale over threads.
         self.pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads or max(2, default_threads()),
             thread_name_prefix="images",
         )
-        self.encoder: Batcher | None = None
-        self.decoder: Batcher | None = None
+        self.repository = Repository(self)
+        self.on_change: list[Callable[[], None]] = []
+        self._poller: asyncio.Task | None = None
 
     async def load(self) -> None:
-        """Load and check the model folder, warm both graphs up, start the batchers."""
+        """Load every model the repository serves; the default model must be among them."""
+        await self.repository.sync()
+        s, failed = self.settings, self.repository.failed
+        if s.model_name not in self.repository.served:  # the default model must serve
+            reasons = [error for (name, _), error in failed.items() if name == s.model_name]
+            if reasons:
+                raise reasons[-1]
+            self.default()  # raises ModelNotFound: no such model in the repository
+        if self.settings.model_poll_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(
+                self.repository.poll(self.settings.model_poll_s), name="repository-poll"
+            )
+        self.ready = True
+
+    async def open(self, folder: Path) -> Served:
+        """One version: sessions opened and checked (sha256, shapes), warmed up, batchers made."""
         s = self.settings
-        folder = manifest.resolve(s.model_dir, s.model_name, s.model_version)
+        threads = s.intra_op_threads or max(1, default_threads() // s.workers)
         model = await asyncio.to_thread(
-            AutoencoderModel, folder, s.providers, s.require_gpu, s.intra_op_threads
-        )
-        seconds = await asyncio.to_thread(model.warm_up, (1, s.max_batch_size))
+            AutoencoderModel, folder, s.providers, s.require_gpu, threads, s.precision,
+            s.cudnn_conv_algo_search, s.trt_cache_dir,
+        )  # fmt: skip
+        # On a GPU every batch size the batcher can form is a new shape for cuDNN's search.
+        sizes = range(1, s.max_batch_size + 1) if model.on_gpu else (1, s.max_batch_size)
+        seconds = await asyncio.to_thread(model.warm_up, tuple(sizes))
         log.info(
             "loaded %s v%s from %s; providers in use: %s (asked for %s); %d intra-op threads; "
             "warm-up %.2f s",
             model.name, model.version, folder, model.providers, model.requested_providers,
             model.intra_op_threads, seconds,
         )  # fmt: skip
-        common = dict(
-            metrics=self.metrics,
-            max_batch=s.max_batch_size,
-            max_delay_s=s.max_queue_delay_ms / 1000.0,
-            max_queue=s.max_queue_size,
-            timeout_s=s.queue_timeout_s,
-            retry_after_s=s.retry_after_s,
-        )
-        self.encoder = Batcher("encoder", model.encode, **common)
-        self.decoder = Batcher("decoder", model.decode, **common)
-        self.encoder.start()
-        self.decoder.start()
-        self.model = model
-        self.ready = True
+        return Served(self, model)
+
+    def default(self) -> Served:
+        """The default model (AE_MODEL_NAME) at its highest served version."""
+        return self.repository.resolve(None, None)
+
+    def changed(self) -> None:
+        for callback in self.on_change:
+            callback()
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, not shutting down, and the default model's batching workers healthy."""
+        if not self._ready:
+            return False
+        try:
+            return self.default().healthy
+        except Exception:  # the default model is not served (unloaded, or its folder gone)
+            return False
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+
+    @contextmanager
+    def admit(self, images: int) -> Iterator[None]:
+        """Hold `images` places of AE_MAX_INFLIGHT_IMAGES while a request works on them."""
+        limit = self.settings.max_inflight_images
+        if self.images_in_flight + images > limit:
+            raise Busy(
+                f"{self.images_in_flight} images in progress, the limit is {limit}; retry later",
+                "overloaded",
+                self.settings.retry_after_s,
+            )
+        self.images_in_flight += images
+        try:
+            yield
+        finally:
+            self.images_in_flight -= images
+
+    @contextmanager
+    def phase(self, name: str, endpoint: str) -> Iterator[None]:
+        """Time a request's `preprocess` or `postprocess` phase into its histogram."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.phases[name].labels(endpoint).observe(time.perf_counter() - started)
 
     async def close(self) -> None:
         """Stop taking work, finish what is queued, release threads."""
         self.ready = False
-        for batcher in (self.encoder, self.decoder):
-            if batcher is not None:
-                await batcher.stop()
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.repository.close()
         self.pool.shutdown(wait=True)
-
-    # -- the steps handlers compose --
-    async def images(self, blobs: list[bytes]) -> np.ndarray:
-        return await decode_images(self.model, blobs, self.settings.max_image_pixels, self.pool)
-
-    async def encode(self, images: np.ndarray) -> np.ndarray:
-        return await self.encoder.submit(images)
-
-    async def decode(self, latents: np.ndarray) -> np.ndarray:
-        return await self.decoder.submit(latents)
-
-    async def reconstruct(self, images: np.ndarray) -> np.ndarray:
-        return await self.decode(await self.encode(images))
-
-    def count(self, endpoint: str, n: int) -> None:
-        self.metrics.images.labels(endpoint).inc(n)
-
-    async def pngs(self, images: np.ndarray) -> list[str]:
-        """Base64 PNGs of [0, 1] images, encoded in the thread pool."""
-        loop = asyncio.get_running_loop()
-
-        def one(image: np.ndarray) -> str:
-            return base64.b64encode(self.model.postprocess(image)).decode("ascii")
-
-        return list(
-            await asyncio.gather(*(loop.run_in_executor(self.pool, one, im) for im in images))
-        )
 
     def batching(self) -> dict:
         s = self.settings

@@ -79,13 +79,41 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class ProtocolErrorBody(BaseModel):
+    """The Open Inference Protocol's error body, on every /v2 route."""
+
+    error: str
+
+
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProtocolErrorBody, "description": what}
+    for status, what in ((401, "missing or wrong X-API-Key"), (404, "no such model"),
+                         (503, "not loaded yet, or shutting down"))
+}  # fmt: skip
+
 # The errors of the non-inference routes that need the key and the loaded model.
 KEYED_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong X-API-Key"},
+    404: {"model": ErrorBody, "description": "no such model or version served (GET /models)"},
+    422: {"model": ErrorBody, "description": "a malformed `version`"},
     503: {"model": ErrorBody, "description": "not loaded yet, or shutting down (see Retry-After)"},
 }
 
 NPY_SCHEMA = {"type": "string", "format": "binary", "description": ".npy float32 array"}
+TENSORS_SCHEMA = {
+    "type": "string",
+    "format": "binary",
+    "description": ".npy of preprocessed images: uint8 or float32 in [0, 1], [N, H, W, 3] "
+    "RGB at the model's input size",
+}
+IMAGE_INPUTS = (
+    "Images: multipart `images` files, JSON base64 `images`, one image file as the whole body "
+    "(`Content-Type: image/jpeg`, `image/png`, ...: no multipart parsing), or a .npy of "
+    "preprocessed uint8 or float32 [N, H, W, 3] tensors (`Content-Type: application/x-npy`). "
+    "Bytes that do not decode as an image are a 400."
+)
+# One image file as the whole body; OpenCV decides what it can read.
+RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
 
 
 def _multipart(extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -95,13 +123,19 @@ def _multipart(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def request_body(json_model: type[BaseModel], multipart: bool = True, npy: bool = False,
-                 form_fields: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """`openapi_extra` documenting the accepted request bodies of one route."""
+                 form_fields: dict[str, Any] | None = None,
+                 raw_images: bool = False) -> dict[str, Any]:  # fmt: skip
+    """`openapi_extra` documenting the accepted request bodies of one route: `npy` latents, or
+    with `raw_images` one image file as the body and a .npy of preprocessed images."""
     content: dict[str, Any] = {"application/json": {"schema": json_model.model_json_schema()}}
     if multipart:
         content["multipart/form-data"] = _multipart(form_fields)
     if npy:
         content["application/x-npy"] = {"schema": NPY_SCHEMA}
+    if raw_images:
+        content["application/x-npy"] = {"schema": TENSORS_SCHEMA}
+        for media in RAW_IMAGE_TYPES:
+            content[media] = {"schema": {"type": "string", "format": "binary"}}
     return {"requestBody": {"required": True, "content": content}}
 
 
@@ -114,8 +148,10 @@ def responses(model: type[BaseModel], npy: bool = False) -> dict[int | str, dict
         400: "undecodable image, bad base64 or invalid JSON",
         401: "missing or wrong X-API-Key",
         413: "body, image count or pixel count too large",
+        404: "no such model or version served (GET /models)",
         415: "unsupported Content-Type",
         422: "invalid latents, steps or weights",
-        503: "queue full or model not ready (see Retry-After)",
+        429: "busy: queue full, too much in progress, or waited too long (see Retry-After)",
+        503: "not ready, shutting down, or a failed worker (see Retry-After)",
     }
     return {200: ok, **{code: {"model": ErrorBody, "description": d} for code, d in errors.items()}}

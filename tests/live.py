@@ -1,7 +1,13 @@
-"""A real `python -m service` on loopback, as a user starts it, for tests that need a live server."""
+"""The one live-server harness: a real `python -m service` on loopback, as a user starts it.
+
+Tests, benchmarks (bench/load.py, bench/profile.py) and the soak run all start servers here.
+It depends on nothing but httpx, so it serves scripts as well as pytest; a server that exits
+or never turns ready raises `ServerFailed` with the end of its log.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,12 +16,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.conftest import DEFAULT_MODEL_DIR, REPO
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO / "models"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class ServerFailed(RuntimeError):
+    """The server exited at start-up or was not ready in time."""
 
 
 def free_port() -> int:
@@ -24,49 +36,102 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextmanager
-def live_service(ready_timeout_s: float = 90, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start the server with `AE_*` overrides in `env`; yield (base URL, process); stop it after.
+@dataclass
+class LiveServer:
+    base: str
+    proc: subprocess.Popen
+    log_path: Path
 
-    The default model and only the given `AE_*` settings (the caller's environment would change
-    what the tests see). The log goes to a file, not a pipe, so a long test cannot fill a pipe
-    buffer and stall the server; it is shown when start-up fails, and readable as `proc.log`.
+    def output(self, tail: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def pids(self) -> list[int]:
+        """The server process and its descendants (worker processes with AE_WORKERS > 1)."""
+        found, queue = [], [self.proc.pid]
+        while queue:
+            pid = queue.pop()
+            found.append(pid)
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    queue += [int(c) for c in (task / "children").read_text().split()]
+        return found
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server, all its processes and threads."""
+        return sum(self.thread_cpu_seconds().values())
+
+    def thread_cpu_seconds(self) -> dict[int, float]:
+        """User + system CPU of each thread of the server's processes, by native thread id."""
+        out = {}
+        for pid in self.pids():
+            with contextlib.suppress(OSError):  # a process or thread may end meanwhile
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    with contextlib.suppress(OSError):
+                        out[int(task.name)] = _cpu(task / "stat")
+        return out
+
+    def rss_mb(self) -> float:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM (a graceful drain), then SIGKILL past `timeout_s`; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _cpu(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@contextlib.contextmanager
+def live_server(
+    env: dict[str, str] | None = None,
+    argv: list[str] | None = None,
+    ready_timeout_s: float = 120,
+) -> Iterator[LiveServer]:
+    """Start the server with `AE_*` overrides in `env`, wait for /readyz, stop it after.
+
+    The default model and only the given `AE_*` settings: the caller's own `AE_*` variables
+    would change what a test or benchmark sees. `argv` replaces `python -m service` (it gets
+    `--host 127.0.0.1 --port P` too). The log goes to a file, not a pipe, so a long run cannot
+    fill a pipe buffer and stall the server.
     """
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
-    full_env.update({"AE_MODEL_DIR": str(DEFAULT_MODEL_DIR), **env})
-    base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile("w+") as log:
+    full_env.update({"AE_MODEL_DIR": str(DEFAULT_MODEL_DIR), **(env or {})})
+    command = [*(argv or [sys.executable, "-m", "service"]), "--host", "127.0.0.1"]
+    with tempfile.NamedTemporaryFile("w+", prefix="live-server-", suffix=".log") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+            [*command, "--port", str(port)],
             cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        proc.log = log
-
-        def output() -> str:
-            log.flush()
-            log.seek(0)
-            return log.read()[-4000:]
-
+        server = LiveServer(f"http://127.0.0.1:{port}", proc, Path(log.name))
         try:
             deadline = time.monotonic() + ready_timeout_s
             while True:
                 if proc.poll() is not None:
-                    pytest.fail(f"the server exited early ({proc.returncode}):\n{output()}")
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    raise ServerFailed(
+                        f"the server exited early ({proc.returncode}):\n{server.output()}"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{server.base}/readyz", timeout=1).status_code == 200:
                         break
-                except httpx.TransportError:
-                    pass
                 if time.monotonic() > deadline:
-                    pytest.fail(f"the server was not ready in {ready_timeout_s:g} s:\n{output()}")
+                    raise ServerFailed(
+                        f"the server was not ready in {ready_timeout_s:g} s:\n{server.output()}"
+                    )
                 time.sleep(0.2)
-            yield base, proc
+            yield server
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            server.stop()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
-from contextlib import asynccontextmanager
+import re
+import threading
+import time
+from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 import numpy as np
+import pytest
 
 from aecore.preprocessing import decode_rgb
 from service.app import create_app
@@ -46,10 +51,55 @@ def multipart(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
 
 
+_SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
+
+
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text, 0 when absent."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    """The sum of the samples of `name` in Prometheus text whose labels include `labels`
+    (other labels, e.g. a batcher's model and version, are summed over); 0 when absent."""
+    total = 0.0
     for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        match = _SAMPLE.match(line)
+        if not match or match.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(match.group(3))
+    return total
+
+
+@contextmanager
+def stalled_inference(runtime, part: str = "encoder"):
+    """Hold every engine call of the graph until the block exits (a gated `run` injected)."""
+    release = threading.Event()
+    batcher = getattr(runtime.default(), part)
+    run = batcher.run
+
+    def gated(rows):
+        release.wait(60)
+        return run(rows)
+
+    batcher.run = gated
+    try:
+        yield
+    finally:
+        release.set()
+        batcher.run = run
+
+
+def batches_taken(runtime, part: str = "encoder") -> float:
+    """How many queued items the default model's worker has taken so far (observed when a
+    batch starts)."""
+    model = runtime.default().model
+    labels = {"model": model.name, "version": str(model.version), "part": part}
+    value = runtime.metrics.registry.get_sample_value("ae_queue_wait_seconds_count", labels)
+    return value or 0.0
+
+
+async def wait_until(condition, what: str, limit_s: float = 20.0) -> None:
+    """Synchronisation, not a timing assertion: wait for a server-side state to be reached."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"never reached: {what}")
+        await asyncio.sleep(0.01)

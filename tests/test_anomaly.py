@@ -97,7 +97,7 @@ def served_folder():
 
 
 def test_the_bundled_model_carries_every_scorer_calibrated(served_folder, scene_paths):
-    from aecore.graphs import open_session
+    from aecore.runner import Autoencoder
 
     block = manifest.read(served_folder)["anomaly"]
     scorers = anomaly.AnomalyScorers(block, served_folder)
@@ -106,10 +106,8 @@ def test_the_bundled_model_carries_every_scorer_calibrated(served_folder, scene_
     assert block["calibration_images"] > 0
     spec = ImageSpec()
     inputs = np.stack([load_image(p.read_bytes(), spec) for p in scene_paths[:6]])
-    encoder = open_session(served_folder / "encoder.onnx")
-    decoder = open_session(served_folder / "decoder.onnx")
-    latents = encoder.run(None, {"image": inputs})[0]
-    ev = anomaly.Evidence(inputs, decoder.run(None, {"latent": latents})[0], latents)
+    latents, outputs = Autoencoder(served_folder).reconstruct_all(inputs)
+    ev = anomaly.Evidence(inputs, outputs, latents)
     for name in scorers.names:
         scores = scorers.score(name, ev)
         assert scores.shape == (6,) and np.all(np.isfinite(scores))

@@ -45,6 +45,8 @@ HISTOGRAMS = {
     "ae_batch_size": {"part"},
     "ae_queue_wait_seconds": {"part"},
     "ae_inference_duration_seconds": {"part"},
+    "ae_preprocess_seconds": {"endpoint"},
+    "ae_postprocess_seconds": {"endpoint"},
 }
 GAUGES = {"ae_queue_depth": {"part"}}
 
@@ -244,6 +246,60 @@ def test_the_image_gets_only_the_serving_packages(dockerfile):
                 assert any(glob_regex(pat).match(relative) for pat in patterns), path
 
 
+def final_env(stage: dict) -> dict[str, str]:
+    return dict(re.findall(r"\b(\w+)=(\S+)", " ".join(instruction_args(stage, "ENV"))))
+
+
+def test_both_base_images_are_build_arguments():
+    """Mirrors and air-gapped registries replace the bases with --build-arg."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    global_args, stages = dockerfile_stages(text)
+    names = {s["name"] for s in stages}
+    bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
+    external = {b for b in bases if b != "scratch" and b not in names}
+    assert external == {"${PYTHON_IMAGE}", "${CUDA_IMAGE}"}
+    assert {"PYTHON_IMAGE", "CUDA_IMAGE"} <= set(global_args)
+
+
+def test_the_cpu_target_needs_no_cuda_stage():
+    """The legacy builder builds every stage up to the target: the CPU ones come first."""
+    _, stages = dockerfile_stages((REPO / "Dockerfile").read_text())
+    order = [s["name"] for s in stages]
+    assert order.index("cpu") < order.index("gpu-builder")
+    for stage in stages[: order.index("cpu") + 1]:
+        assert not stage["base"].startswith("nvidia/"), stage["name"]
+
+
+def test_the_image_has_only_working_console_scripts_and_no_installer(dockerfile):
+    _, stages = dockerfile
+    copied = {a.split()[0].rstrip("/") for a in instruction_args(stages["source"], "COPY")}
+    scripts = pyproject()["project"]["scripts"]
+    missing = {name for name, target in scripts.items() if target.split(".")[0] not in copied}
+    assert missing == {"convae-train"}  # the training package stays out of the image
+    for builder in ("cpu-builder", "gpu-builder"):
+        commands = [
+            argv
+            for args in instruction_args(stages[builder], "RUN")
+            for argv in shell_commands(args)
+        ]
+        venv_rm = [a for argv in commands if argv[0] == "rm" for a in argv[1:] if "/opt/venv/" in a]
+        removed = {Path(a).name for a in venv_rm if a.startswith("/opt/venv/bin/")}
+        assert len(removed) == len(venv_rm), venv_rm
+        assert removed == missing, builder
+        (uninstall,) = [argv for argv in commands if "uninstall" in argv]
+        assert uninstall[-2:] == ["pip", "setuptools"] and "--yes" in uninstall, builder
+
+
+def test_the_images_switch_telemetry_off_and_bound_opencv(dockerfile):
+    _, stages = dockerfile
+    for target in ("cpu", "gpu"):
+        env = final_env(stages[target])
+        assert env["ORT_DISABLE_TELEMETRY"] == "1", target
+        # OpenCV's own decoding limit must not refuse what the service's limit admits.
+        limit = int(env["OPENCV_IO_MAX_IMAGE_PIXELS"])
+        assert limit >= Settings.model_fields["max_image_pixels"].default, target
+
+
 # ---------------------------------------------------------------- .dockerignore
 
 
@@ -385,6 +441,28 @@ def test_compose_mounts_existing_deploy_files(compose):
                 assert (REPO / source).exists(), f"{name}: {source}"
 
 
+def test_compose_api_runs_read_only_without_telemetry(compose):
+    for name in ("api", "api-cpu"):
+        service = compose["services"][name]
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
+        assert service["environment"]["ORT_DISABLE_TELEMETRY"] == "1", name
+
+
+def test_the_docs_give_the_compose_defaults():
+    """docs/deploy.md's variable table against the `${NAME:-default}` of docker-compose.yml."""
+    defaults = dict(re.findall(r"\$\{(\w+):-([^}]*)\}", (REPO / "docker-compose.yml").read_text()))
+    checked = set()
+    for line in (REPO / "docs" / "deploy.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        names = re.findall(r"`(\w+)`", cells[0])
+        values = [v.strip().strip("`") for v in cells[1].split(",")] if len(cells) > 1 else []
+        if names and len(names) == len(values) and all(n in defaults for n in names):
+            for name, value in zip(names, values, strict=True):
+                assert value == (defaults[name] or "empty"), name
+            checked |= set(names)
+    assert {"AE_MAX_QUEUE_DELAY_MS", "AE_MAX_BATCH_SIZE", "API_PORT"} <= checked
+
+
 # ---------------------------------------------------------------- settings and ports
 
 
@@ -412,6 +490,32 @@ def test_ports_agree():
     assert port["containerPort"] == PORT
     (service_port,) = read_yaml(K8S / "service.yaml")["spec"]["ports"]
     assert service_port["port"] == PORT and service_port["targetPort"] == port["name"]
+
+
+# ---------------------------------------------------------------- the container's process
+
+
+def test_answered_probes_stay_out_of_the_access_log():
+    """Docker's HEALTHCHECK, Compose and Kubernetes probe every few seconds."""
+    import logging
+
+    import httpx
+
+    from service.logs import SuccessfulProbesFilter
+    from tests.live import live_server
+
+    with live_server() as server:  # it polls /readyz until it answers 200
+        for path in ("/healthz", "/readyz", "/metrics", "/healthz?x=1", "/no-such-page"):
+            httpx.get(server.base + path, timeout=10)
+        server.stop()
+        log = server.output(tail=100_000)
+    assert '"GET /metrics HTTP/1.1" 200' in log
+    assert '"GET /healthz?x=1 HTTP/1.1" 200' in log and '"GET /no-such-page HTTP/1.1" 404' in log
+    assert '"GET /healthz HTTP/1.1"' not in log and '"GET /readyz HTTP/1.1" 200' not in log
+    # A probe that fails is kept: that line is why someone reads the log.
+    failed = ("127.0.0.1:5000", "GET", "/readyz", "1.1", 503)
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s", failed, None)
+    assert SuccessfulProbesFilter().filter(record)
 
 
 # ---------------------------------------------------------------- Prometheus and Grafana
@@ -466,6 +570,7 @@ def test_dashboard_panels_use_only_exported_metrics():
     assert "ae_batch_size" in joined["Batch size"]
     assert "ae_queue_depth" in joined["Queue depth"]
     assert '"5.."' in joined["Errors (5xx and 4xx)"] and '"4.."' in joined["Errors (5xx and 4xx)"]
+    assert 'status="429"' in joined["Errors (5xx and 4xx)"]  # busy, apart from client errors
     assert unknown_metric_names("rate(ae_request_total[5m])") == {"ae_request_total"}
 
 
@@ -516,6 +621,11 @@ def test_kubernetes_deployment_wiring():
     assert api_key["valueFrom"]["secretKeyRef"]["optional"] is True
     assert "AE_API_KEY" not in configmap["data"]  # a secret belongs in the Secret
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    (tmp,) = [v for v in pod["spec"]["volumes"] if v["name"] == mounts["/tmp"]]
+    assert "emptyDir" in tmp  # spooled uploads
+    assert configmap["data"]["ORT_DISABLE_TELEMETRY"] == "1"
     assert "cpu" in container["resources"]["requests"]  # the HPA's utilisation needs it
 
     labels = pod["metadata"]["labels"]

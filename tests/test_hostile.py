@@ -3,7 +3,7 @@
 Most cases go through the ASGI app in-process with its lifespan run (one app per module, so
 the model loads once); body limits, memory and shutdown are also checked against a live
 uvicorn on loopback. Every refused request must get the contract's JSON error body
-(`{"error": {"code", "message"}}`) with a 4xx status (503 + Retry-After for overload), and
+(`{"error": {"code", "message"}}`) with a 4xx status (429 + Retry-After when busy), and
 the server must keep answering afterwards.
 """
 
@@ -20,7 +20,6 @@ import struct
 import threading
 import time
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -31,8 +30,16 @@ import pytest_asyncio
 from PIL import Image
 
 from aecore.preprocessing import declared_pixels, decode_rgb
-from tests.live import live_service
-from tests.service_client import b64, metric, multipart, running
+from tests.live import live_server
+from tests.service_client import (
+    b64,
+    batches_taken,
+    metric,
+    multipart,
+    running,
+    stalled_inference,
+    wait_until,
+)
 
 # The async tests share one event loop, so the module's apps (and the model) load once.
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -361,8 +368,10 @@ MALFORMED = [  # (path, Content-Type, body, status, code)
     ("/encode", None, b'{"images": []}', 415, "unsupported_media_type"),
     ("/encode", "text/plain", b'{"images": []}', 415, "unsupported_media_type"),
     ("/encode", "application/xml", b"<images/>", 415, "unsupported_media_type"),
-    ("/encode", "image/jpeg", b"\xff\xd8\xff", 415, "unsupported_media_type"),
-    ("/encode", NPY, b"\x93NUMPY", 415, "unsupported_media_type"),  # only /decode takes .npy
+    ("/encode", "image/jpeg", b"\xff\xd8\xff", 400, "invalid_image"),  # a raw body, truncated
+    ("/encode", "image/png", b"", 422, "invalid_request"),
+    ("/decode", "image/jpeg", b"\xff\xd8\xff", 415, "unsupported_media_type"),
+    ("/encode", NPY, b"\x93NUMPY", 422, "invalid_tensor"),  # a .npy of images, broken
     ("/decode", f"{MULTIPART}; boundary=x", b"--x--", 422, "invalid_latents"),
     ("/encode", MULTIPART, b"no boundary", 400, None),
     ("/encode", f"{MULTIPART}; boundary=b", b"--b\r\nbad", 422, "invalid_request"),
@@ -653,51 +662,25 @@ async def test_a_non_ascii_key_sent_as_utf8_is_accepted():
 # ------------------------------------------------------------------ overload, deadlines, shutdown
 
 
-@contextmanager
-def stalled_inference(runtime, part: str = "encoder"):
-    """Hold the graph's single inference thread until the block exits."""
-    release = threading.Event()
-    batcher = getattr(runtime, part)
-    batcher._executor.submit(release.wait, 60)
-    try:
-        yield
-    finally:
-        release.set()
-
-
-def batches_taken(runtime, part: str = "encoder") -> float:
-    """How many queued items the worker has taken so far (observed when a batch starts)."""
-    value = runtime.metrics.registry.get_sample_value("ae_queue_wait_seconds_count", {"part": part})
-    return value or 0.0
-
-
-async def wait_until(condition, what: str, limit_s: float = 20.0) -> None:
-    """Synchronisation, not a timing assertion: wait for a server-side state to be reached."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"never reached: {what}")
-        await asyncio.sleep(0.01)
-
-
 @module_loop
-async def test_a_request_waiting_past_the_queue_deadline_is_503(photo):
+async def test_a_request_waiting_past_the_queue_deadline_is_429(photo):
     async with running(queue_timeout_s=0.5, retry_after_s=2) as c:
         runtime = c.app.state.runtime
         with stalled_inference(runtime):
             reply = await c.post("/encode", files=multipart([photo]))
-        error = assert_error(reply, 503, "queue_timeout")
+        error = assert_error(reply, 429, "queue_timeout")
         assert "0.5" in error["message"] and reply.headers["retry-after"] == "2"
         # Nothing is stuck: the next request runs, the queue is empty.
         after = await c.post("/encode", files=multipart([photo]))
         text = (await c.get("/metrics")).text
+        depth = runtime.default().encoder.depth
     assert after.status_code == 200
-    assert runtime.encoder.depth == 0
+    assert depth == 0
     assert metric(text, "ae_queue_depth", part="encoder") == 0
 
 
 @module_loop
-async def test_a_full_queue_answers_503_and_accepted_requests_complete(scene_bytes):
+async def test_a_full_queue_answers_429_and_accepted_requests_complete(scene_bytes):
     blobs = scene_bytes[:6]
     async with running(max_queue_size=4, max_batch_size=4) as c:
         runtime = c.app.state.runtime
@@ -711,12 +694,12 @@ async def test_a_full_queue_answers_503_and_accepted_requests_complete(scene_byt
             # The worker took the first request (and is stuck on it); three images queue up.
             await wait_until(lambda: batches_taken(runtime) > taken, "the first request taken")
             second = asyncio.create_task(c.post("/encode", files=multipart(blobs[1:4])))
-            await wait_until(lambda: runtime.encoder.depth == 3, "three images queued")
+            await wait_until(lambda: runtime.default().encoder.depth == 3, "three images queued")
             refused = await c.post("/encode", files=multipart(blobs[4:6]))  # 3 + 2 > 4
             ready = await c.get("/readyz")
         replies = [await first, await second]
         after = await c.post("/encode", files=multipart(blobs[4:6]))
-    assert "3 images waiting" in assert_error(refused, 503, "queue_full")["message"]
+    assert "3 images waiting" in assert_error(refused, 429, "queue_full")["message"]
     assert ready.status_code == 200  # a full queue is back-pressure, not unreadiness
     assert [r.status_code for r in replies] == [200, 200]
     got = np.concatenate([r.json()["latents"] for r in replies]).astype(np.float32)
@@ -725,7 +708,7 @@ async def test_a_full_queue_answers_503_and_accepted_requests_complete(scene_byt
 
 
 @module_loop
-async def test_requests_beyond_the_in_flight_bound_are_503_before_decoding(photo):
+async def test_requests_beyond_the_in_flight_bound_are_429_before_decoding(photo):
     # Requests in flight are bounded by AE_MAX_QUEUE_SIZE too: under overload the work before
     # the queue (parsing bodies, decoding images) would otherwise pile up without limit.
     async with running(max_queue_size=2, retry_after_s=3) as c:
@@ -734,13 +717,15 @@ async def test_requests_beyond_the_in_flight_bound_are_503_before_decoding(photo
             first = asyncio.create_task(c.post("/encode", files=multipart([photo])))
             await wait_until(lambda: batches_taken(runtime) > 0, "the first request taken")
             second = asyncio.create_task(c.post("/encode", files=multipart([photo])))
-            await wait_until(lambda: runtime.encoder.depth == 1, "the second request queued")
+            await wait_until(
+                lambda: runtime.default().encoder.depth == 1, "the second request queued"
+            )
             # Not an image: admitted, it would be a 400; refused, it is never decoded.
             refused = await c.post("/encode", files=multipart([b"not an image"]))
             probes = [await c.get(p) for p in ("/healthz", "/readyz", "/metrics")]
         replies = [await first, await second]
         after = [await c.post("/encode", files=multipart([photo])) for _ in range(3)]
-    assert_error(refused, 503, "overloaded")
+    assert_error(refused, 429, "overloaded")
     assert refused.headers["retry-after"] == "3"
     assert [p.status_code for p in probes] == [200, 200, 200]  # probes are not counted
     assert [r.status_code for r in replies + after] == [200] * 5  # the places are given back
@@ -839,8 +824,8 @@ def raw_exchange(base: str, head: bytes, chunks, pause_s: float = 0.0) -> tuple[
 
 @pytest.fixture(scope="module")
 def live():
-    with live_service(AE_MAX_BODY_BYTES=str(1024 * 1024)) as (base, proc):
-        yield base, proc
+    with live_server({"AE_MAX_BODY_BYTES": str(1024 * 1024)}) as server:
+        yield server.base, server.proc
 
 
 def test_live_body_over_the_limit_is_413_when_declared_slow_or_chunked(live, photo):
@@ -917,7 +902,8 @@ def test_live_memory_stays_flat_under_hostile_input(live, photo):
 
 def test_live_sigterm_drains_in_flight_requests_and_refuses_new_ones(photo):
     # The batcher waits up to 4 s for more rows, so one request is in flight for ~4 s.
-    with live_service(AE_MAX_QUEUE_DELAY_MS="4000") as (base, proc):
+    with live_server({"AE_MAX_QUEUE_DELAY_MS": "4000"}) as server:
+        base, proc = server.base, server.proc
         result: dict = {}
 
         def call() -> None:
@@ -941,8 +927,7 @@ def test_live_sigterm_drains_in_flight_requests_and_refuses_new_ones(photo):
             time.sleep(0.02)
         worker.join(timeout=60)
         code = proc.wait(timeout=60)
-        proc.log.seek(0)
-        log = proc.log.read()
+        log = server.output()
     assert refused_while_in_flight, "new connections were not refused while draining"
     reply = result["reply"]
     assert reply.status_code == 200 and len(reply.json()["latents"]) == 1

@@ -107,3 +107,18 @@ def test_preprocessing_does_not_import_tensorflow_or_onnxruntime():
 
     code = "import sys, aecore.preprocessing; sys.exit(('tensorflow' in sys.modules) + ('onnxruntime' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_swapping_colours_after_the_resize_changes_no_pixel(scene_bytes, odd_images):
+    """The pipeline swaps BGR to RGB on the small image; the result is the full-resolution
+    swap's, bit for bit, for every kind of input (and into a batch slot the same)."""
+    from aecore.preprocessing import load_image, load_rgb8, resize_rgb, to_float
+
+    spec = ImageSpec()
+    batch = np.zeros((2, *spec.shape), np.float32)
+    for data in [*scene_bytes[:6], *odd_images.values()]:
+        reference = resize_rgb(decode_rgb(data), spec)
+        np.testing.assert_array_equal(load_rgb8(data, spec), reference)
+        load_image(data, spec, out=batch[1])
+        np.testing.assert_array_equal(batch[1], reference.astype(np.float32) / np.float32(255))
+        np.testing.assert_array_equal(to_float(reference), batch[1])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 
 import numpy as np
 import pytest
@@ -12,7 +11,17 @@ import pytest
 from aecore import manifest
 from aecore.preprocessing import ImageSpec, load_image, to_uint8
 from tests.conftest import DEFAULT_MODEL_DIR
-from tests.service_client import b64, metric, multipart, npy, png_pixels, running
+from tests.service_client import (
+    b64,
+    batches_taken,
+    metric,
+    multipart,
+    npy,
+    png_pixels,
+    running,
+    stalled_inference,
+    wait_until,
+)
 
 NPY = "application/x-npy"
 
@@ -156,21 +165,28 @@ async def test_weights_half_half_is_the_latent_midpoint(scene_bytes):
 
 async def test_concurrent_single_requests_are_batched_and_keep_their_rows(scene_bytes):
     blobs = scene_bytes[:16]
-    async with running(max_queue_delay_ms=50, max_batch_size=16) as client:
+    async with running(max_batch_size=16) as client:
+        runtime = client.app.state.runtime
         expected = np.asarray(
             (await client.post("/encode", files=multipart(blobs))).json()["latents"], np.float32
         )
-        replies = await asyncio.gather(
-            *(client.post("/encode", files=multipart([b])) for b in blobs)
-        )
+        taken = batches_taken(runtime)
+        # The engine is held on the first request while the other 15 queue up: released, they
+        # must run as one batch, each request getting its own row back.
+        with stalled_inference(runtime):
+            first = asyncio.create_task(client.post("/encode", files=multipart(blobs[:1])))
+            await wait_until(lambda: batches_taken(runtime) > taken, "the first request taken")
+            rest = [
+                asyncio.create_task(client.post("/encode", files=multipart([b]))) for b in blobs[1:]
+            ]
+            await wait_until(lambda: runtime.default().encoder.depth == 15, "15 requests queued")
+        replies = [await first, *[await r for r in rest]]
         text = (await client.get("/metrics")).text
     got = np.asarray([r.json()["latents"][0] for r in replies], np.float32)
     np.testing.assert_allclose(got, expected, atol=1e-5)  # request i got row i
-    runs = metric(text, "ae_batch_size_count", part="encoder")
-    rows = metric(text, "ae_batch_size_sum", part="encoder")
-    single_runs = metric(text, "ae_batch_size_bucket", le="1.0", part="encoder")
-    assert rows == 32  # every image ran once
-    assert runs < 17 and single_runs < 16, "16 concurrent requests ran one by one"
+    assert metric(text, "ae_batch_size_count", part="encoder") == 3  # 16 together, 1, then 15
+    assert metric(text, "ae_batch_size_sum", part="encoder") == 32  # every image ran once
+    assert metric(text, "ae_batch_size_bucket", le="1.0", part="encoder") == 1
     assert metric(text, "ae_images_total", endpoint="encode") == 32
 
 
@@ -296,11 +312,11 @@ async def test_bad_interpolation_parameters_are_422(params):
     assert reply.json()["error"]["code"] == "invalid_parameter"
 
 
-async def test_full_queue_is_503_with_retry_after(scene_bytes):
+async def test_full_queue_is_429_with_retry_after(scene_bytes):
     async with running(max_queue_size=2, retry_after_s=3) as client:
         reply = await client.post("/encode", files=multipart(scene_bytes[:3]))
         ok = await client.post("/encode", files=multipart(scene_bytes[:2]))
-    assert reply.status_code == 503 and reply.headers["retry-after"] == "3"
+    assert reply.status_code == 429 and reply.headers["retry-after"] == "3"
     assert reply.json()["error"]["code"] == "queue_full"
     assert ok.status_code == 200
 
@@ -382,6 +398,8 @@ async def test_a_tampered_graph_is_refused_at_start(tmp_path):
 
 
 async def test_openapi_documents_every_endpoint():
+    from openapi_spec_validator import validate
+
     async with running() as client:
         spec = (await client.get("/openapi.json")).json()
         docs = await client.get("/docs")
@@ -393,4 +411,139 @@ async def test_openapi_documents_every_endpoint():
     body = spec["paths"]["/encode"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    assert json.dumps(spec)  # serialisable
+    validate(spec)  # a valid OpenAPI document, as client generators and gateways read it
+
+
+async def test_each_phase_is_timed_per_endpoint(scene_bytes):
+    async with running() as client:
+        await client.post("/encode", files=multipart(scene_bytes[:2]))
+        await client.post("/reconstruct", json={"images": [b64(scene_bytes[0])]})
+        text = (await client.get("/metrics")).text
+    for endpoint in ("encode", "reconstruct"):
+        for phase in ("preprocess", "postprocess"):
+            assert metric(text, f"ae_{phase}_seconds_count", endpoint=endpoint) == 1, (
+                phase,
+                endpoint,
+            )
+
+
+async def test_raw_image_bodies_and_npy_tensors_give_the_same_latents(scene_bytes, scene_paths):
+    from aecore.preprocessing import load_rgb8
+
+    spec = ImageSpec()
+    blobs = scene_bytes[:3]
+    uint8 = np.stack([load_rgb8(b, spec) for b in blobs])
+    float32 = np.stack([load_image(b, spec) for b in blobs])
+    async with running() as client:
+        form = npy(
+            (await client.post("/encode", files=multipart(blobs), headers={"Accept": NPY})).content
+        )
+        raw = [
+            npy(
+                (
+                    await client.post(
+                        "/encode", content=b, headers={"Content-Type": "image/jpeg", "Accept": NPY}
+                    )
+                ).content
+            )[0]
+            for b in blobs
+        ]
+        tensors = {
+            name: npy(
+                (
+                    await client.post(
+                        "/encode",
+                        content=_npy_body(array),
+                        headers={"Content-Type": NPY, "Accept": NPY},
+                    )
+                ).content
+            )
+            for name, array in (("uint8", uint8), ("float32", float32))
+        }
+        png_raw = await client.post(
+            "/reconstruct",
+            content=(scene_paths[0].parent / scene_paths[0].name).read_bytes(),
+            headers={"Content-Type": "image/jpeg"},
+        )
+        anomaly = await client.post(
+            "/anomaly-score", content=_npy_body(uint8[:1]), headers={"Content-Type": NPY}
+        )
+    # The same bytes through each body form give the same latents, bit for bit.
+    np.testing.assert_array_equal(np.stack(raw), form)
+    np.testing.assert_array_equal(tensors["uint8"], form)
+    np.testing.assert_array_equal(tensors["float32"], form)
+    assert png_raw.status_code == 200 and len(png_raw.json()["images"]) == 1
+    assert anomaly.status_code == 200 and len(anomaly.json()["results"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("array", "why"),
+    [
+        (np.zeros((1, 64, 64, 3), np.uint8), "shape"),
+        (np.zeros((128, 128, 3), np.uint8), "shape"),
+        (np.zeros((0, 128, 128, 3), np.uint8), "shape"),
+        (np.full((1, 128, 128, 3), 1.5, np.float32), "range"),
+        (np.full((1, 128, 128, 3), np.nan, np.float32), "finite"),
+        (np.zeros((1, 128, 128, 3), np.float64), "dtype"),
+        (np.zeros((1, 128, 128, 3), np.int16), "dtype"),
+    ],
+)
+async def test_bad_npy_tensors_are_422(array, why):
+    async with running() as client:
+        reply = await client.post(
+            "/encode", content=_npy_body(array), headers={"Content-Type": NPY}
+        )
+    assert reply.status_code == 422, (why, reply.text)
+    assert reply.json()["error"]["code"] == "invalid_tensor"
+
+
+def _npy_body(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_gpu_provider_options_tune_cuda_and_keep_tensorrt_engines_on_disk(tmp_path):
+    from aecore.graphs import gpu_provider_options
+
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt, cuda, cpu = gpu_provider_options(providers, tmp_path, "fp16", "HEURISTIC")
+    assert cuda["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert cuda["arena_extend_strategy"] == "kSameAsRequested"
+    assert trt["trt_engine_cache_enable"] == "True"
+    assert trt["trt_engine_cache_path"] == str(tmp_path) and trt["trt_fp16_enable"] == "True"
+    assert cpu == {}
+    assert gpu_provider_options(providers[:1], tmp_path)[0]["trt_fp16_enable"] == "False"
+
+
+async def test_fp16_graphs_serve_close_to_fp32_and_a_model_without_them_is_refused(
+    tmp_path, scene_bytes
+):
+    import shutil
+
+    from training.precision import write_fp16
+
+    source = manifest.resolve(DEFAULT_MODEL_DIR, "intel-scenes")
+    copy = tmp_path / "intel-scenes" / "1"
+    shutil.copytree(source, copy)
+    with pytest.raises(manifest.ModelFolderError, match="no fp16 graphs"):
+        async with running(model_dir=tmp_path, precision="fp16"):
+            pass
+    images = np.stack([load_image(b, ImageSpec()) for b in scene_bytes[:4]])
+    body = manifest.read(copy)
+    body["precisions"] = {"fp32": {"encoder": "encoder", "decoder": "decoder"},
+                          "fp16": write_fp16(copy, images)}  # fmt: skip
+    names = {**manifest.graph_files(body), "encoder_fp16": "encoder.fp16.onnx",
+             "decoder_fp16": "decoder.fp16.onnx"}  # fmt: skip
+    body["files"] = manifest.file_entries(copy, names)
+    manifest.write(copy, body)
+    async with running(model_dir=tmp_path) as client:
+        fp32 = npy((await client.post("/encode", files=multipart(scene_bytes[:4]),
+                                      headers={"Accept": NPY})).content)  # fmt: skip
+    async with running(model_dir=tmp_path, precision="fp16") as client:
+        card = (await client.get("/model")).json()
+        fp16 = npy((await client.post("/encode", files=multipart(scene_bytes[:4]),
+                                      headers={"Accept": NPY})).content)  # fmt: skip
+    assert card["precision"] == "fp16"
+    assert card["precisions"]["fp16"]["parity_max_abs"]["encoder"] < 0.05
+    assert np.max(np.abs(fp16 - fp32)) < 0.05 and not np.array_equal(fp16, fp32)

@@ -21,7 +21,7 @@ import pytest
 
 from service.handlers.ui import STATIC
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
-from tests.live import live_service
+from tests.live import live_server
 from tests.service_client import running
 
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
@@ -80,17 +80,15 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(browser):
-    with live_service(AE_MAX_QUEUE_DELAY_MS="5", AE_MAX_INTERPOLATION_STEPS=str(MAX_STEPS)) as (
-        base,
-        _,
-    ):
-        yield base
+    env = {"AE_MAX_QUEUE_DELAY_MS": "5", "AE_MAX_INTERPOLATION_STEPS": str(MAX_STEPS)}
+    with live_server(env) as live:
+        yield live.base
 
 
 @pytest.fixture(scope="module")
 def keyed_server(browser):
-    with live_service(AE_MAX_QUEUE_DELAY_MS="5", AE_API_KEY=KEY) as (base, _):
-        yield base
+    with live_server({"AE_MAX_QUEUE_DELAY_MS": "5", "AE_API_KEY": KEY}) as live:
+        yield live.base
 
 
 @pytest.fixture

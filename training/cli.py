@@ -119,11 +119,11 @@ def _export(args) -> int:
 def _evaluate(args) -> int:
     from aecore import manifest
     from training import data
-    from training.export import mse_metrics, run_graphs, spec_of, write_report
+    from training.export import mse_metrics, reconstruct, spec_of, write_report
 
     folder = Path(args.model)
     images = data.load(Path(args.data), spec_of(folder), args.limit)
-    latents, outputs = run_graphs(folder, images.images)
+    latents, outputs = reconstruct(folder, images.images)
     scored = mse_metrics(images.images, outputs, images)
     result = {
         "model": str(folder),
@@ -156,7 +156,7 @@ def _evaluate_anomaly(args) -> int:
     from training.train import TrainConfig, load_split
 
     config = TrainConfig(**json.loads((Path(args.run) / "config.json").read_text()))
-    train, val = load_split(config)
+    train, val = load_split(config, Path(args.run))
     folder = publish_evaluated(
         Path(args.model), train, val, args.target_fpr, config.seed, args.scorer
     )

@@ -13,38 +13,30 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.graphs import open_session
 from aecore.machine import machine
+from aecore.preprocessing import ImageSpec
+from aecore.runner import Autoencoder
+from training.onnx_export import export_graphs
 from training.train import TrainConfig, read_history
 
 
-def reconstruct_img_s(
-    folder: Path, shape: tuple[int, ...], batch: int = 8, seconds: float = 5.0
-) -> float:
+def reconstruct_img_s(folder: Path, batch: int = 8, seconds: float = 5.0) -> float:
     """Encoder + decoder images per second at `batch`, onnxruntime on the CPU."""
-    encoder = open_session(folder / "encoder.onnx")
-    decoder = open_session(folder / "decoder.onnx")
-    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
-
-    def once() -> None:
-        latent = encoder.run(None, {"image": x})[0]
-        decoder.run(None, {"latent": latent})
-
-    once()  # warm-up
+    model = Autoencoder(folder)
+    x = np.random.default_rng(0).random((batch, *model.spec.shape), dtype=np.float32)
+    model.decode(model.encode(x))  # warm-up
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        once()
+        model.decode(model.encode(x))
         done += batch
     return done / (time.perf_counter() - start)
 
 
-def _seed_graphs(folder: Path, shape: tuple[int, int, int], latent_dim: int) -> Path:
+def _seed_graphs(folder: Path, spec: ImageSpec, latent_dim: int) -> Path:
     from training.architectures import build
-    from training.export import to_onnx
 
-    encoder, decoder = build("seed", shape, latent_dim)
-    to_onnx(encoder, "image", "latent", folder / "encoder.onnx")
-    to_onnx(decoder, "latent", "image", folder / "decoder.onnx")
+    encoder, decoder = build("seed", spec.shape, latent_dim)
+    export_graphs(encoder, decoder, folder, spec, "seed", 1, "seed")
     return folder
 
 
@@ -53,11 +45,11 @@ def _run_summary(run_dir: Path) -> dict:
     config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
     seconds = [row["epoch_seconds"] for row in history if "epoch_seconds" in row]
     return {
-        "run": str(run_dir),
+        "run": Path(run_dir).name,
         "epochs": len(history),
         "val_mse_by_epoch": [row["val_loss"] for row in history if "val_loss" in row],
         "seconds_per_epoch": float(np.mean(seconds)) if seconds else None,
-        "data": config.data,
+        "data": Path(config.data).name,
         "limit": config.limit,
     }
 
@@ -65,11 +57,10 @@ def _run_summary(run_dir: Path) -> dict:
 def compare(folder: Path, run_dir: Path, baseline_run: Path | None, batch: int = 8) -> dict:
     """Throughput of both architectures (same process, same machine), and their training runs."""
     config = TrainConfig(**json.loads((Path(run_dir) / "config.json").read_text()))
-    shape = config.spec.shape
     with tempfile.TemporaryDirectory() as tmp:
-        seed_folder = _seed_graphs(Path(tmp), shape, config.latent_dim)
-        ours = reconstruct_img_s(folder, shape, batch)
-        seed = reconstruct_img_s(seed_folder, shape, batch)
+        seed_folder = _seed_graphs(Path(tmp), config.spec, config.latent_dim)
+        ours = reconstruct_img_s(folder, batch)
+        seed = reconstruct_img_s(seed_folder, batch)
     result = {
         "machine": machine(),
         "batch": batch,

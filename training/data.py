@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.preprocessing import ImageDecodeError, ImageSpec, decode_rgb, resize_rgb
+from aecore.folders import IMAGE_SUFFIXES, class_layout
+from aecore.preprocessing import ImageDecodeError, ImageSpec, load_rgb8
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FLAT_CLASS = "(all)"
 
 
@@ -50,39 +50,22 @@ def discover(root: Path) -> tuple[list[Path], list[str], list[int]]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
-    class_dirs = sorted(
-        d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _images(d)
-    )
-    if class_dirs:
-        classes = [d.name for d in class_dirs]
-        files, labels = [], []
-        for label, d in enumerate(class_dirs):
-            found = _images(d)
-            files += found
-            labels += [label] * len(found)
-    else:
-        classes = [FLAT_CLASS]
-        files = [p for p in sorted(root.iterdir()) if _is_image(p)]
-        labels = [0] * len(files)
-    if not files:
+    listing = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    names, file_classes = class_layout(listing)
+    if not names:
         raise DataError(
             f"no images under {root}: expected <root>/<class>/*.jpg or image files directly "
             f"in it ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    return files, classes, labels
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p))
+    classes = sorted(set(file_classes)) if file_classes else [FLAT_CLASS]
+    label_of = {c: i for i, c in enumerate(classes)}
+    labels = [label_of[c] for c in file_classes] if file_classes else [0] * len(names)
+    return [root / name for name in names], classes, labels
 
 
 def _read(path: Path, spec: ImageSpec) -> np.ndarray | None:
     try:
-        return resize_rgb(decode_rgb(path.read_bytes()), spec)
+        return load_rgb8(path.read_bytes(), spec)
     except (ImageDecodeError, OSError) as exc:
         log.warning("skipping unreadable image %s: %s", path, exc)
         return None
@@ -116,6 +99,26 @@ def load(
         paths=[str(files[i].relative_to(root)) for i in ok],
         skipped=skipped,
     )
+
+
+def load_listed(root: Path, paths: list[str], classes: list[str], spec: ImageSpec) -> ImageSet:
+    """The images a split file lists (paths relative to `root`, class = first folder)."""
+    files = [Path(root) / p for p in paths]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} file(s) of the recorded split are gone, e.g. {missing[0]}; "
+            "a model's validation images must be the ones it was trained beside"
+        )
+    flat = classes == [FLAT_CLASS]
+    labels = [0 if flat else classes.index(Path(p).parts[0]) for p in paths]
+    images = np.empty((len(files), *spec.shape), np.uint8)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # cv2 releases the GIL
+        for row, image in enumerate(pool.map(lambda p: _read(p, spec), files)):
+            if image is None:
+                raise DataError(f"{files[row]} of the recorded split can no longer be read")
+            images[row] = image
+    return ImageSet(images, np.asarray(labels, np.int64), classes, list(paths))
 
 
 def stratified_split(

@@ -3,77 +3,38 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
-import keras
 import numpy as np
-import onnx
-import tensorflow as tf
 
 from aecore import anomaly, manifest
-from aecore.graphs import open_session, run_batched
 from aecore.preprocessing import ImageSpec, to_float
+from aecore.runner import Autoencoder
 from training import report
 from training.anomaly import calibrate_and_evaluate
 from training.compare import compare
 from training.data import ImageSet
+from training.onnx_export import ParityError, check_parity, export_graphs
+from training.precision import write_fp16
 from training.train import TrainConfig, load_autoencoder, load_split, read_history
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
-PARITY_LIMIT = 1e-4
+GRAPH_FILES = {
+    "encoder": "encoder.onnx",
+    "decoder": "decoder.onnx",
+    "encoder_fp16": "encoder.fp16.onnx",
+    "decoder_fp16": "decoder.fp16.onnx",
+}
 
 
-class ParityError(RuntimeError):
-    """The ONNX graph does not reproduce the Keras model closely enough."""
-
-
-def to_onnx(model: keras.Model, input_name: str, output_name: str, path: Path) -> Path:
-    """Convert one Keras model with a dynamic batch dimension and the contract's tensor names."""
-    import tf2onnx
-
-    # from_keras breaks on Keras 3 (KeyError 'keras_tensor_...'); a traced function does not.
-    signature = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name=input_name)]
-    function = tf.function(lambda x: model(x, training=False))
-    proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=OPSET)
-    _rename(proto.graph, proto.graph.input[0].name, input_name)
-    _rename(proto.graph, proto.graph.output[0].name, output_name)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    return path
-
-
-def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
-    if old == new:
-        return
-    for node in graph.node:
-        node.input[:] = [new if n == old else n for n in node.input]
-        node.output[:] = [new if n == old else n for n in node.output]
-    for value in (*graph.input, *graph.output):
-        if value.name == old:
-            value.name = new
-
-
-def parity(model: keras.Model, graph: Path, batch: np.ndarray) -> float:
-    """Max absolute difference between Keras and onnxruntime on the same batch."""
-    expected = model(batch, training=False).numpy()
-    actual = run_batched(open_session(graph), batch, batch_size=len(batch))
-    return float(np.max(np.abs(expected - actual)))
-
-
-def run_graphs(folder: Path, images: np.ndarray, batch_size: int = 32):
-    """(latents, reconstructions) for uint8 images, through the exported ONNX graphs."""
-    encoder, decoder = open_session(folder / "encoder.onnx"), open_session(folder / "decoder.onnx")
-    latents, outputs = [], []
-    for i in range(0, len(images), batch_size):
-        z = run_batched(encoder, to_float(images[i : i + batch_size]), batch_size)
-        latents.append(z)
-        outputs.append(run_batched(decoder, z, batch_size))
-    return np.concatenate(latents), np.concatenate(outputs)
+def reconstruct(folder: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(latents, reconstructions) of uint8 images through a folder's exported ONNX graphs."""
+    return Autoencoder(folder, verify=False).reconstruct_all(images)
 
 
 def mse_metrics(images: np.ndarray, outputs: np.ndarray, data: ImageSet) -> dict:
@@ -107,11 +68,6 @@ def pca_val_mse(train: np.ndarray, val: np.ndarray, components: int, seed: int =
     return float(np.mean((x_val - recon) ** 2)), components
 
 
-def next_version(model_root: Path) -> int:
-    existing = manifest.versions(model_root)
-    return existing[-1] + 1 if existing else 1
-
-
 def export(
     run_dir: Path,
     model_dir: Path,
@@ -130,46 +86,38 @@ def export(
     config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
     spec = config.spec
     encoder, decoder = load_autoencoder(run_dir)
-    train_set, val_set = load_split(config)
+    train_set, val_set = load_split(config, run_dir)
 
-    version = version or next_version(Path(model_dir) / name)
-    folder = Path(model_dir) / name / str(version)
-    if folder.exists():
-        raise FileExistsError(f"{folder} exists; choose another --version")
-    staging = folder.with_name(f".{version}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-
-    to_onnx(encoder, "image", "latent", staging / "encoder.onnx")
-    to_onnx(decoder, "latent", "image", staging / "decoder.onnx")
-    batch = to_float(val_set.images[:16])
-    parity_max = max(
-        parity(encoder, staging / "encoder.onnx", batch),
-        parity(decoder, staging / "decoder.onnx", encoder(batch, training=False).numpy()),
-    )
-    log.info("ONNX parity: max abs difference %.2e", parity_max)
-    if parity_max > PARITY_LIMIT:
+    model_root = Path(model_dir) / name
+    version = version or manifest.next_version(model_root)
+    if (model_root / str(version)).exists():
+        raise FileExistsError(f"{model_root / str(version)} exists; choose another --version")
+    staging = manifest.staging_folder(model_root, version)
+    try:
+        base = export_graphs(encoder, decoder, staging, spec, name, version, config.arch)
+        parity_max = check_parity(encoder, decoder, staging, to_float(val_set.images[:16]))
+    except ParityError:
         shutil.rmtree(staging)
-        raise ParityError(f"ONNX differs from Keras by {parity_max:.2e} > {PARITY_LIMIT:.0e}")
+        raise
+    log.info("ONNX parity: max abs difference %.2e", parity_max)
+    fp16 = write_fp16(staging, to_float(val_set.images[:16]))
+    log.info("fp16 graphs: max abs difference to fp32 %s", fp16["parity_max_abs"])
+    base["files"] = manifest.file_entries(staging, GRAPH_FILES)
+    base["precisions"] = {"fp32": {"encoder": "encoder", "decoder": "decoder"}, "fp16": fp16}
 
-    latents, outputs = run_graphs(staging, val_set.images)
+    latents, outputs = reconstruct(staging, val_set.images)
     scored = mse_metrics(val_set.images, outputs, val_set)
     pca_mse, pca_components = pca_val_mse(train_set.images, val_set.images, config.latent_dim)
     history = read_history(run_dir)
     seconds = [row["epoch_seconds"] for row in history if "epoch_seconds" in row]
     last = history[-1] if history else {}
     body = {
-        "name": name,
-        "version": version,
+        **base,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "architecture": config.arch,
-        "input": spec.manifest_block(),
-        "latent_dim": config.latent_dim,
-        "files": manifest.file_entries(staging),
-        "onnx": {"opset": OPSET, "encoder": ["image", "latent"], "decoder": ["latent", "image"]},
         "training": {
-            "data": config.data,
-            "val_dir": config.val_dir,
+            "data": data_name(config.data),
+            "data_sha256": split_digest(train_set, val_set),
+            "val_dir": data_name(config.val_dir) if config.val_dir else None,
             "classes": train_set.classes,
             "images": len(train_set) + len(val_set),
             "skipped_files": len(train_set.skipped),
@@ -202,8 +150,7 @@ def export(
         body["metrics"]["comparison"] = compare(staging, run_dir, baseline_run)
     write_report(staging / "report", body, val_set, outputs, latents, history)
     manifest.write(staging, body)
-    staging.rename(folder)
-    return folder
+    return manifest.publish(staging, model_root, version)
 
 
 def write_report(
@@ -231,3 +178,17 @@ def write_report(
 
 def spec_of(folder: Path) -> ImageSpec:
     return ImageSpec.from_manifest(manifest.read(folder)["input"])
+
+
+def data_name(path: str) -> str:
+    """A data folder as the manifest records it: its own name, never this machine's path."""
+    return Path(path).name
+
+
+def split_digest(train: ImageSet, val: ImageSet) -> str:
+    """sha256 over the split's file lists and pixels: names the exact data a model saw."""
+    digest = hashlib.sha256()
+    for part in (train, val):
+        digest.update("\n".join(part.paths).encode())
+        digest.update(part.images.tobytes())
+    return digest.hexdigest()

@@ -57,7 +57,21 @@ def rounded_accuracy(y_true, y_pred):
 
 
 def load_split(config: TrainConfig, run_dir: Path | None = None):
-    """(train, val) ImageSets: `--val-dir`, or a stratified split recorded in split.json."""
+    """(train, val) ImageSets: the split recorded in `run_dir/split.json`, else a new one.
+
+    Training records its split there; export and calibration read it back instead of scanning
+    the folder again, so images added since training never leak into validation or calibration.
+    A new split is `--val-dir`, or a stratified split of `--data`, and is recorded in `run_dir`.
+    """
+    recorded = Path(run_dir) / "split.json" if run_dir is not None else None
+    if recorded is not None and recorded.is_file():
+        split = json.loads(recorded.read_text())
+        val_root = Path(config.val_dir or config.data)
+        train = data_mod.load_listed(
+            Path(config.data), split["train"], split["classes"], config.spec
+        )
+        val = data_mod.load_listed(val_root, split["val"], split["classes"], config.spec)
+        return train, val
     spec = config.spec
     if config.val_dir:
         train = data_mod.load(Path(config.data), spec, config.limit, config.seed)
@@ -71,8 +85,8 @@ def load_split(config: TrainConfig, run_dir: Path | None = None):
         )
         train, val = everything.subset(train_idx), everything.subset(val_idx)
         train.skipped = everything.skipped
-    if run_dir is not None:
-        (run_dir / "split.json").write_text(
+    if recorded is not None:
+        recorded.write_text(
             json.dumps(
                 {
                     "classes": train.classes,

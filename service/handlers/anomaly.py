@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from aecore.anomaly import Evidence, error_heatmap, per_image_mse
 from service import errors
-from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref, request_images
+from service.dependencies import ServedDep, require_api_key
+from service.handlers.common import request_images
 from service.responses import FastJSON
-from service.schemas import AnomalyResponse, ImagesJson, request_body, responses
+from service.schemas import IMAGE_INPUTS, AnomalyResponse, ImagesJson, request_body, responses
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -24,55 +24,59 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     "its threshold come from the model's manifest, calibrated on held-out images. Scores are on "
     "a 0-1 scale with the threshold at 0.5 (`normalised`); `raw_score` and `raw_threshold` are "
     "on the scorer's own scale. "
-    "`heatmap=true` adds the smoothed per-pixel error laid over each input.",
+    f"`heatmap=true` adds the smoothed per-pixel error laid over each input. {IMAGE_INPUTS}",
     response_model=None,
     responses=responses(AnomalyResponse),
-    openapi_extra=request_body(ImagesJson),
+    openapi_extra=request_body(ImagesJson, raw_images=True),
 )
 async def anomaly_score(
     request: Request,
-    runtime: RuntimeDep,
+    served: ServedDep,
     heatmap: Annotated[bool, Query(description="add a base64 PNG error heatmap per image")] = False,
     scorer: Annotated[
         str | None, Query(description="a scorer in the model's manifest; default: the model's")
     ] = None,
 ):
-    scorers = runtime.model.scorers
-    name = scorer or scorers.default
+    scorers = served.model.scorers
+    name = scorers.default if scorer is None else scorer
     if name not in scorers.names:
         raise errors.InvalidParameter(f"unknown scorer {name!r}; this model has {scorers.names}")
-    images = await request_images(request, runtime)
-    latents = await runtime.encode(images)
-    outputs = await runtime.decode(latents)
-    loop = asyncio.get_running_loop()
-    evidence = Evidence(images, outputs, latents)
-    scores = await loop.run_in_executor(runtime.pool, runtime.model.score, name, evidence)
-    mse = per_image_mse(images, outputs)
-    raw_threshold = scorers.thresholds[name]
-    results = [
-        {
-            "score": float(u),
-            "raw_score": float(s),
-            "is_anomaly": bool(s > raw_threshold),
-            "mse": float(m),
-        }
-        for u, s, m in zip(scorers.unit(name, scores), scores, mse, strict=True)
-    ]
-    if heatmap:
-        maps = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    runtime.pool, error_heatmap, x, y, scorers.heatmap_scale, scorers.sigma
+    parsed = await request_images(request, served)
+    with served.admit(parsed.image_count):
+        with served.phase("preprocess", "anomaly-score"):
+            images = await served.images(parsed)
+        latents = await served.encode(images)
+        outputs = await served.decode(latents)
+        loop = asyncio.get_running_loop()
+        evidence = Evidence(images, outputs, latents)
+        scores = await loop.run_in_executor(served.pool, served.model.score, name, evidence)
+        mse = per_image_mse(images, outputs)
+        raw_threshold = scorers.thresholds[name]
+        results = [
+            {
+                "score": float(u),
+                "raw_score": float(s),
+                "is_anomaly": bool(s > raw_threshold),
+                "mse": float(m),
+            }
+            for u, s, m in zip(scorers.unit(name, scores), scores, mse, strict=True)
+        ]
+        if heatmap:
+            with served.phase("postprocess", "anomaly-score"):
+                maps = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            served.pool, error_heatmap, x, y, scorers.heatmap_scale, scorers.sigma
+                        )
+                        for x, y in zip(images, outputs, strict=True)
+                    )
                 )
-                for x, y in zip(images, outputs, strict=True)
-            )
-        )
-        for result, png in zip(results, await runtime.pngs(maps), strict=True):
-            result["heatmap"] = png
-    runtime.count("anomaly-score", len(results))
+                for result, png in zip(results, await served.pngs(maps), strict=True):
+                    result["heatmap"] = png
+    served.count("anomaly-score", len(results))
     return FastJSON(
         {
-            "model": model_ref(runtime),
+            "model": served.ref(),
             "threshold": scorers.unit_threshold(name),
             "raw_threshold": raw_threshold,
             "normalised": scorers.normalised(name),

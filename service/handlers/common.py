@@ -1,21 +1,17 @@
-"""What every inference router shares: auth, and the parsed images of a request."""
+"""What every inference router shares: the image bytes of a request."""
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import Request
 
-from service.inputs import parse_body, require_images
-from service.runtime import Runtime
+from service.inputs import Parsed, parse_body, require_images
+from service.repository import Served
 
 
-def model_ref(runtime: Runtime) -> dict:
-    return {"name": runtime.model.name, "version": runtime.model.version}
+async def request_images(request: Request, served: Served) -> Parsed:
+    """The images of a request (files, or preprocessed tensors), counted but not yet decoded.
 
-
-async def request_images(request: Request, runtime: Runtime) -> np.ndarray:
-    """Preprocessed float32 [N, H, W, 3] from a multipart or JSON image request."""
-    parsed = await parse_body(
-        request, runtime.settings.max_images_per_request, accept_latents=False
-    )
-    return await runtime.images(require_images(parsed))
+    Handlers hold `served.admit(parsed.image_count)` while they decode and run them.
+    """
+    parsed = await parse_body(request, served.settings.max_images_per_request, raw_images=True)
+    return require_images(parsed)

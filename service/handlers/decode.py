@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from service import errors
-from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref
+from service.dependencies import ServedDep, require_api_key
 from service.inputs import parse_body, validate_latents, wants_npy
 from service.responses import FastJSON, npy_response
 from service.schemas import DecodeResponse, LatentsJson, request_body, responses
@@ -23,19 +22,21 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     responses=responses(DecodeResponse, npy=True),
     openapi_extra=request_body(LatentsJson, multipart=False, npy=True),
 )
-async def decode(request: Request, runtime: RuntimeDep):
-    parsed = await parse_body(request, runtime.settings.max_images_per_request, accept_latents=True)
+async def decode(request: Request, served: ServedDep):
+    parsed = await parse_body(request, served.settings.max_images_per_request, latents=True)
     if parsed.latents is None:
         raise errors.InvalidLatents(
             'no latents: send JSON {"latents": [[...], ...]} or a .npy body'
         )
-    latents = validate_latents(parsed.latents, runtime.model.latent_dim)
-    if len(latents) > runtime.settings.max_images_per_request:
+    latents = validate_latents(parsed.latents, served.model.latent_dim)
+    if len(latents) > served.settings.max_images_per_request:
         raise errors.TooManyImages(
-            f"{len(latents)} latents; the limit is {runtime.settings.max_images_per_request}"
+            f"{len(latents)} latents; the limit is {served.settings.max_images_per_request}"
         )
-    images = await runtime.decode(latents)
-    runtime.count("decode", len(images))
-    if wants_npy(request):
-        return npy_response(images)
-    return FastJSON({"model": model_ref(runtime), "images": await runtime.pngs(images)})
+    with served.admit(len(latents)):
+        images = await served.decode(latents)
+        served.count("decode", len(images))
+        with served.phase("postprocess", "decode"):
+            if wants_npy(request):
+                return npy_response(images)
+            return FastJSON({"model": served.ref(), "images": await served.pngs(images)})

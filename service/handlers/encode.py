@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref, request_images
+from service.dependencies import ServedDep, require_api_key
+from service.handlers.common import request_images
 from service.inputs import wants_npy
 from service.responses import FastJSON, npy_response
-from service.schemas import EncodeResponse, ImagesJson, request_body, responses
+from service.schemas import IMAGE_INPUTS, EncodeResponse, ImagesJson, request_body, responses
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -16,16 +16,20 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 @router.post(
     "/encode",
     summary="Encode images to latents",
-    description="Multipart `images` files or JSON base64 `images`. "
+    description=f"{IMAGE_INPUTS} "
     "`Accept: application/x-npy` returns a float32 [N, latent_dim] .npy array.",
     response_model=None,
     responses=responses(EncodeResponse, npy=True),
-    openapi_extra=request_body(ImagesJson),
+    openapi_extra=request_body(ImagesJson, raw_images=True),
 )
-async def encode(request: Request, runtime: RuntimeDep):
-    images = await request_images(request, runtime)
-    latents = await runtime.encode(images)
-    runtime.count("encode", len(latents))
-    if wants_npy(request):
-        return npy_response(latents)
-    return FastJSON({"model": model_ref(runtime), "latents": latents})
+async def encode(request: Request, served: ServedDep):
+    parsed = await request_images(request, served)
+    with served.admit(parsed.image_count):
+        with served.phase("preprocess", "encode"):
+            images = await served.images(parsed)
+        latents = await served.encode(images)
+        served.count("encode", len(latents))
+        with served.phase("postprocess", "encode"):
+            if wants_npy(request):
+                return npy_response(latents)
+            return FastJSON({"model": served.ref(), "latents": latents})

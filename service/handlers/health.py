@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.dependencies import RuntimeDep, require_api_key, require_metrics_key
+from service.dependencies import RuntimeDep, ServedDep, require_api_key, require_metrics_key
 from service.errors import error_response
 from service.responses import FastJSON
 from service.runtime import Runtime
@@ -30,7 +30,8 @@ async def readyz(request: Request):
     if runtime is None or not runtime.ready:
         return error_response(503, "not_ready", "the model is not loaded yet, or is shutting down",
                               {"Retry-After": "1"})  # fmt: skip
-    return {"status": "ready", "model": runtime.model.name, "version": runtime.model.version}
+    default = runtime.default().model
+    return {"status": "ready", "model": default.name, "version": default.version}
 
 
 @router.get(
@@ -39,8 +40,8 @@ async def readyz(request: Request):
     dependencies=[Depends(require_api_key)],
     responses=KEYED_ERRORS,
 )
-async def model_card(runtime: RuntimeDep):
-    return FastJSON({**runtime.model.describe(), "batching": runtime.batching()})
+async def model_card(runtime: RuntimeDep, served: ServedDep):
+    return FastJSON({**served.model.describe(), "batching": runtime.batching()})
 
 
 @router.get(
@@ -51,6 +52,4 @@ async def model_card(runtime: RuntimeDep):
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: KEYED_ERRORS[401]},
 )
 async def metrics(request: Request) -> Response:
-    return Response(
-        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

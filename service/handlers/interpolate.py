@@ -10,8 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 
 from service import errors
-from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref
+from service.dependencies import ServedDep, require_api_key
 from service.inputs import parse_body, validate_latents
 from service.responses import FastJSON
 from service.schemas import InterpolateJson, InterpolateResponse, request_body, responses
@@ -35,41 +34,63 @@ _FORM_FIELDS = {
     responses=responses(InterpolateResponse),
     openapi_extra=request_body(InterpolateJson, form_fields=_FORM_FIELDS),
 )
-async def interpolate(request: Request, runtime: RuntimeDep):
-    settings = runtime.settings
-    parsed = await parse_body(request, settings.max_images_per_request, accept_latents=True)
+async def interpolate(request: Request, served: ServedDep):
+    settings = served.settings
+    parsed = await parse_body(request, settings.max_images_per_request, latents=True)
     if (parsed.images is None) == (parsed.latents is None):
         raise errors.InvalidRequest("send either `images` or `latents` (one of them)")
-    steps = _steps(parsed.fields.get("steps"), parsed.form)
-    weights = _weights(parsed.fields.get("weights"), parsed.form)
+    steps = _steps(_present(parsed.fields, "steps", parsed.form), parsed.form)
+    weights = _weights(_present(parsed.fields, "weights", parsed.form), parsed.form)
     if (steps is None) == (weights is None):
         raise errors.InvalidParameter("give either `steps` (a path) or `weights` (an average)")
 
-    if parsed.images is not None:
-        latents = await runtime.encode(await runtime.images(parsed.images))
-    else:
-        latents = validate_latents(parsed.latents, runtime.model.latent_dim)
-
+    inputs = len(parsed.images) if parsed.images is not None else len(parsed.latents)
+    if inputs > settings.max_images_per_request:
+        raise errors.TooManyImages(
+            f"{inputs} inputs; the limit is {settings.max_images_per_request}"
+        )
     if steps is not None:
-        if len(latents) != 2:
-            raise errors.InvalidParameter(f"`steps` needs exactly two inputs, got {len(latents)}")
+        if inputs != 2:
+            raise errors.InvalidParameter(f"`steps` needs exactly two inputs, got {inputs}")
         if steps > settings.max_interpolation_steps:
             raise errors.InvalidParameter(
                 f"steps={steps} is above the limit of {settings.max_interpolation_steps}"
             )
-        t = np.linspace(0.0, 1.0, steps + 2, dtype=np.float32)[:, None]
-        path = (1.0 - t) * latents[0] + t * latents[1]
-    else:
-        if len(weights) != len(latents):
-            raise errors.InvalidParameter(
-                f"{len(weights)} weights for {len(latents)} inputs; give one weight per input"
+    elif len(weights) != inputs:
+        raise errors.InvalidParameter(
+            f"{len(weights)} weights for {inputs} inputs; give one weight per input"
+        )
+    outputs = steps + 2 if steps is not None else 1
+    # Every parameter is checked: only now are images decoded and encoded.
+    with served.admit(inputs + outputs):
+        if parsed.images is not None:
+            with served.phase("preprocess", "interpolate"):
+                images = await served.images(parsed)
+            latents = await served.encode(images)
+        else:
+            latents = validate_latents(parsed.latents, served.model.latent_dim)
+        if steps is not None:
+            t = np.linspace(0.0, 1.0, outputs, dtype=np.float32)[:, None]
+            path = (1.0 - t) * latents[0] + t * latents[1]
+        else:
+            path = (np.asarray(weights, np.float32)[:, None] * latents).sum(axis=0, keepdims=True)
+        images = await served.decode(path.astype(np.float32))
+        served.count("interpolate", len(images))
+        with served.phase("postprocess", "interpolate"):
+            return FastJSON(
+                {"model": served.ref(), "images": await served.pngs(images), "latents": path}
             )
-        path = (np.asarray(weights, np.float32)[:, None] * latents).sum(axis=0, keepdims=True)
-    images = await runtime.decode(path.astype(np.float32))
-    runtime.count("interpolate", len(images))
-    return FastJSON(
-        {"model": model_ref(runtime), "images": await runtime.pngs(images), "latents": path}
-    )
+
+
+def _present(fields: dict[str, Any], name: str, form: bool) -> Any:
+    """A parameter's value, None when absent; an empty form field counts as absent (browsers
+    send every input of a form), an explicit JSON null as a wrong type."""
+    value = fields.get(name)
+    if form and isinstance(value, str) and not value.strip():
+        return None
+    if not form and name in fields and value is None:
+        raise errors.InvalidParameter(f"`{name}` is null; leave it out or give a value")
+    return value
 
 
 def _steps(value: Any, form: bool) -> int | None:

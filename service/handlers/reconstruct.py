@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from aecore.anomaly import per_image_mse
-from service.dependencies import RuntimeDep, require_api_key
-from service.handlers.common import model_ref, request_images
+from service.dependencies import ServedDep, require_api_key
+from service.handlers.common import request_images
 from service.responses import FastJSON
-from service.schemas import ImagesJson, ReconstructResponse, request_body, responses
+from service.schemas import IMAGE_INPUTS, ImagesJson, ReconstructResponse, request_body, responses
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -17,19 +17,23 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     "/reconstruct",
     summary="Reconstruct images",
     description="Each image through the encoder and decoder; `mse` compares the preprocessed "
-    "input with the output, both in [0, 1].",
+    f"input with the output, both in [0, 1]. {IMAGE_INPUTS}",
     response_model=None,
     responses=responses(ReconstructResponse),
-    openapi_extra=request_body(ImagesJson),
+    openapi_extra=request_body(ImagesJson, raw_images=True),
 )
-async def reconstruct(request: Request, runtime: RuntimeDep):
-    images = await request_images(request, runtime)
-    outputs = await runtime.reconstruct(images)
-    runtime.count("reconstruct", len(outputs))
-    return FastJSON(
-        {
-            "model": model_ref(runtime),
-            "images": await runtime.pngs(outputs),
-            "mse": per_image_mse(images, outputs),
-        }
-    )
+async def reconstruct(request: Request, served: ServedDep):
+    parsed = await request_images(request, served)
+    with served.admit(parsed.image_count):
+        with served.phase("preprocess", "reconstruct"):
+            images = await served.images(parsed)
+        outputs = await served.reconstruct(images)
+        served.count("reconstruct", len(outputs))
+        with served.phase("postprocess", "reconstruct"):
+            return FastJSON(
+                {
+                    "model": served.ref(),
+                    "images": await served.pngs(outputs),
+                    "mse": per_image_mse(images, outputs),
+                }
+            )

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from service.dependencies import RuntimeDep, require_api_key
+from service.dependencies import ServedDep, require_api_key
 from service.errors import NotFound
 from service.schemas import KEYED_ERRORS, ErrorBody
 
@@ -70,8 +70,8 @@ async def asset(name: str) -> FileResponse:
     responses=KEYED_ERRORS,
     dependencies=[Depends(require_api_key)],
 )
-async def report_figures(runtime: RuntimeDep) -> ReportFigures:
-    return ReportFigures(figures=list(_files(runtime.model.folder / "report", _FIGURE_TYPES)))
+async def report_figures(served: ServedDep) -> ReportFigures:
+    return ReportFigures(figures=list(_files(served.model.folder / "report", _FIGURE_TYPES)))
 
 
 @router.get(
@@ -88,6 +88,6 @@ async def report_figures(runtime: RuntimeDep) -> ReportFigures:
     },
     dependencies=[Depends(require_api_key)],
 )
-async def report_figure(name: str, runtime: RuntimeDep) -> FileResponse:
-    path = _listed(runtime.model.folder / "report", name, _FIGURE_TYPES)
+async def report_figure(name: str, served: ServedDep) -> FileResponse:
+    path = _listed(served.model.folder / "report", name, _FIGURE_TYPES)
     return FileResponse(path, media_type="image/png")
