@@ -6,8 +6,9 @@
 # stages come first: `--target cpu` never pulls or builds the CUDA stages on either builder.
 # Builder stages install the project with its `serve` or `gpu` extra into /opt/venv, then remove
 # pip and setuptools from it, and the console scripts whose packages are not in the image
-# (`convae-train` needs `training`). The final stages copy only that venv and models/, so no
-# installer, build backend, pip cache or source tree ships.
+# (`convae-train` needs `training`, `convae-batch` needs `batch` and Ray). The final stages
+# copy only that venv and models/, so no installer, build backend, pip cache or source tree
+# ships.
 # Training (TensorFlow) is not installed: only the aecore and service packages are copied.
 # Both base images are build arguments, for registry mirrors and air-gapped builds:
 #   --build-arg PYTHON_IMAGE=registry.example.com/library/python:3.11.14-slim-bookworm
@@ -37,7 +38,7 @@ COPY --from=source /src /src
 WORKDIR /src
 RUN /opt/venv/bin/pip install --no-cache-dir ".[serve]" \
     && /opt/venv/bin/python -m pip uninstall --yes pip setuptools \
-    && rm /opt/venv/bin/convae-train
+    && rm /opt/venv/bin/convae-train /opt/venv/bin/convae-batch
 
 FROM ${PYTHON_IMAGE} AS cpu
 RUN groupadd --system --gid 10001 app \
@@ -81,7 +82,7 @@ WORKDIR /src
 RUN echo "onnxruntime-gpu==${ORT_GPU_VERSION}" > /tmp/constraints.txt \
     && /opt/venv/bin/pip install --no-cache-dir --constraint /tmp/constraints.txt ".[gpu]" \
     && /opt/venv/bin/python -m pip uninstall --yes pip setuptools \
-    && rm /opt/venv/bin/convae-train
+    && rm /opt/venv/bin/convae-train /opt/venv/bin/convae-batch
 
 FROM ${CUDA_IMAGE} AS gpu
 ENV DEBIAN_FRONTEND=noninteractive

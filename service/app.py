@@ -16,7 +16,9 @@ from service import errors, openapi
 from service.handlers import (
     anomaly,
     decode,
+    denoise,
     encode,
+    generate,
     health,
     interpolate,
     reconstruct,
@@ -123,7 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     errors.install(app)
     openapi.install(app, settings)
-    for module in (encode, decode, reconstruct, anomaly, interpolate, health, ui, v2, repository):
+    routers = (encode, decode, reconstruct, anomaly, interpolate, generate, denoise, health, ui,
+               v2, repository)  # fmt: skip
+    for module in routers:
         app.include_router(module.router)
     # Inference requests in flight are bounded like the queue they lead to (AE_MAX_QUEUE_SIZE),
     # and their bodies in bytes (AE_MAX_INFLIGHT_BYTES).

@@ -86,6 +86,12 @@ class InvalidParameter(ApiError):
     status, code = 422, "invalid_parameter"
 
 
+class NotSupported(ApiError):
+    """The loaded model cannot do what was asked (e.g. /generate without a generation density)."""
+
+    status, code = 409, "not_supported"
+
+
 class RetryLater(ApiError):
     """A refusal the client should retry after `Retry-After` seconds."""
 

@@ -206,7 +206,12 @@ def validate_latents(array: np.ndarray, latent_dim: int | None = None) -> np.nda
         raise errors.InvalidLatents(
             f"each latent must have {latent_dim} values, got {array.shape[1]}"
         )
-    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
+    # Beyond float32's range a value would round to the largest float or to inf: refuse it
+    # before the cast, as the OpenAPI document's bounds say.
+    wide = array.dtype.kind == "f" and array.dtype.itemsize > 4
+    if wide and np.any(np.abs(array) > np.finfo(np.float32).max):
+        raise errors.InvalidLatents("latents hold values beyond float32's range")
+    with np.errstate(over="ignore"):
         array = array.astype(np.float32)
     if not np.all(np.isfinite(array)):
         raise errors.InvalidLatents("latents contain NaN or Inf (or values beyond float32)")

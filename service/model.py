@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from aecore import generation
 from aecore.anomaly import AnomalyScorers, Evidence
 from aecore.graphs import gpu_provider_options
 from aecore.preprocessing import encode_png
@@ -57,6 +58,7 @@ class AutoencoderModel(Autoencoder):
         super().__init__(folder, requested, intra_op_threads, True, precision, options)
         self.requested_providers = requested
         self.scorers = AnomalyScorers(self.manifest["anomaly"], self.folder)
+        self.generator = generation.load(self.folder, self.manifest)  # None: no /generate
         if require_gpu and not self.on_gpu:
             raise GpuUnavailable(
                 f"AE_REQUIRE_GPU is set but onnxruntime uses {self.providers} "

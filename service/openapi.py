@@ -56,6 +56,8 @@ def constrain(
                 schema = body.get("schema", {})
                 if path == "/interpolate" and media == "application/json":
                     body["schema"] = limits.interpolate_json()
+                elif path == "/generate":
+                    limits.generate(schema.get("properties", {}))
                 else:
                     limits.apply(schema.get("properties", {}))
             for parameter in operation.get("parameters", []):
@@ -93,6 +95,8 @@ class _Limits:
         self.max_images = settings.max_images_per_request
         self.max_steps = settings.max_interpolation_steps
         self.latent_dim = model.latent_dim if model is not None else None
+        generator = getattr(model, "generator", None)
+        self.classes = generator.classes if generator is not None else None
 
     def images(self, item: dict[str, Any], least: int = 1, most: int | None = None):
         return {"type": "array", "items": item, "minItems": least,
@@ -118,6 +122,13 @@ class _Limits:
             properties["latents"] = {**self.latents(), "description": "N latents"}
         if "steps" in properties:
             properties["steps"] = self.steps()
+
+    def generate(self, properties: dict[str, Any]) -> None:
+        """At most AE_MAX_IMAGES_PER_REQUEST images, of one of the model's classes."""
+        properties["n"] = {**properties["n"], "maximum": self.max_images}
+        if self.classes is not None:
+            one_of = {"type": "string", "enum": self.classes}
+            properties["class"] = {**properties["class"], "anyOf": [one_of, {"type": "null"}]}
 
     def steps(self) -> dict[str, Any]:
         return {"type": "integer", "minimum": 0, "maximum": self.max_steps,

@@ -11,10 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
+from aecore import manifest
+from aecore.denoiser import Denoiser
 from aecore.graphs import default_threads
+from service.batcher import Batcher
 from service.errors import Busy
 from service.metrics import Metrics
-from service.model import AutoencoderModel
+from service.model import AutoencoderModel, choose_providers
 from service.repository import Repository, Served
 from service.settings import Settings
 
@@ -35,6 +40,10 @@ class Runtime:
         self.repository = Repository(self)
         self.on_change: list[Callable[[], None]] = []
         self._poller: asyncio.Task | None = None
+        # The denoiser, served beside the repository's autoencoders (which skip task folders
+        # that do not encode) until the repository routes tasks itself.
+        self.denoiser: Denoiser | None = None
+        self.denoise_batcher: Batcher | None = None
 
     async def load(self) -> None:
         """Load every model the repository serves; the default model must be among them."""
@@ -45,6 +54,20 @@ class Runtime:
             if reasons:
                 raise reasons[-1]
             self.default()  # raises ModelNotFound: no such model in the repository
+        self.denoiser = await asyncio.to_thread(self._load_denoiser)
+        if self.denoiser is not None:
+            self.denoise_batcher = Batcher(
+                "denoiser",
+                self.denoiser.denoise,
+                metrics=self.metrics,
+                max_batch=s.max_batch_size,
+                max_delay_s=s.max_queue_delay_ms / 1000.0,
+                max_queue=s.max_queue_size,
+                timeout_s=s.queue_timeout_s,
+                retry_after_s=s.retry_after_s,
+                labels={"model": self.denoiser.name, "version": str(self.denoiser.version)},
+            )
+            self.denoise_batcher.start()
         if self.settings.model_poll_s > 0:
             self._poller = asyncio.get_running_loop().create_task(
                 self.repository.poll(self.settings.model_poll_s), name="repository-poll"
@@ -69,6 +92,36 @@ class Runtime:
             model.intra_op_threads, seconds,
         )  # fmt: skip
         return Served(self, model)
+
+    def _load_denoiser(self) -> Denoiser | None:
+        """AE_DENOISE_MODEL's highest version, warmed up; None when unset or not installed.
+
+        A folder that is there but does not declare the `denoise` task stops start-up
+        (ModelFolderError): that is a configuration mistake, not a missing option.
+        """
+        s = self.settings
+        if not s.denoise_model:
+            return None
+        try:
+            folder = manifest.resolve(s.model_dir, s.denoise_model)
+        except manifest.ModelFolderError as exc:
+            log.warning("no denoiser: %s; /denoise answers 404", exc)
+            return None
+        threads = s.intra_op_threads or max(1, default_threads() // s.workers)
+        denoiser = Denoiser(folder, choose_providers(s.providers), threads)
+        for n in (1, s.max_batch_size):
+            denoiser.denoise(np.zeros((n, *denoiser.spec.shape), np.float32))
+        log.info("loaded denoiser %s v%s from %s", denoiser.name, denoiser.version, folder)
+        return denoiser
+
+    def denoiser_card(self) -> dict | None:
+        """What GET /model says about the denoiser: its manifest and providers."""
+        if self.denoiser is None:
+            return None
+        return {**self.denoiser.manifest, "providers": self.denoiser.providers}
+
+    async def denoise(self, images: np.ndarray) -> np.ndarray:
+        return await self.denoise_batcher.submit(images)
 
     def default(self) -> Served:
         """The default model (AE_MODEL_NAME) at its highest served version."""
@@ -123,6 +176,8 @@ class Runtime:
         if self._poller is not None:
             self._poller.cancel()
         await self.repository.close()
+        if self.denoise_batcher is not None:
+            await self.denoise_batcher.stop()
         self.pool.shutdown(wait=True)
 
     def batching(self) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ModelRef(BaseModel):
@@ -31,6 +31,28 @@ class InterpolateJson(BaseModel):
     weights: list[float] | None = Field(None, description="non-negative, summing to 1")
 
 
+class GenerateJson(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    n: int = Field(1, ge=1, description="images to generate, at most AE_MAX_IMAGES_PER_REQUEST")
+    seed: int | None = Field(
+        None, ge=0, le=2**64 - 1, description="same seed, same images; default: drawn"
+    )
+    temperature: float = Field(1.0, gt=0, le=2, description="spread around the class mean")
+    class_: str | None = Field(
+        None, alias="class", description="one of the model's classes; default: drawn per image"
+    )
+
+
+class GenerateResponse(BaseModel):
+    model: ModelRef
+    seed: int = Field(description="the seed used: send it again for the same images")
+    temperature: float
+    classes: list[str] = Field(description="the class of each image")
+    images: list[str] = Field(description="base64 PNGs")
+    latents: list[list[float]]
+
+
 class EncodeResponse(BaseModel):
     model: ModelRef
     latents: list[list[float]]
@@ -45,6 +67,11 @@ class ReconstructResponse(BaseModel):
     model: ModelRef
     images: list[str] = Field(description="base64 PNGs")
     mse: list[float] = Field(description="per image, preprocessed input vs output, in [0, 1]")
+
+
+class DenoiseResponse(BaseModel):
+    model: ModelRef = Field(description="the denoising model, not the autoencoder")
+    images: list[str] = Field(description="base64 PNGs, cleaned, at the model's input size")
 
 
 class AnomalyResult(BaseModel):

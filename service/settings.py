@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     version_policy: str = "latest:1"
     version_policies: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     model_poll_s: float = Field(default=0.0, ge=0)  # 0: no polling; the repository API reloads
+    # The denoiser served beside it at /denoise: models/<name>/<highest version>; "" disables.
+    denoise_model: str = "intel-scenes-denoise"
 
     # Execution providers in priority order, comma-separated (e.g. "CUDAExecutionProvider,
     # CPUExecutionProvider"). Empty: CUDA when this onnxruntime build has it, then CPU.

@@ -341,6 +341,56 @@ def test_api_key_prompt_cancelled_says_so(new_page, keyed_server):
     assert "needs an API key" in message and "HTTP 401" in message
 
 
+def test_generate_section_shows_the_served_images_again_for_a_seed(new_page, server):
+    page = new_page()
+    page.goto(server + "/")
+    card = httpx.get(f"{server}/model", timeout=10).json()
+    classes = card["generation"]["classes"]
+    page.wait_for_selector("#model-card[data-state='done']")
+    assert page.eval_on_selector_all("#gen-class option", "els => els.map(e => e.value)") == [
+        "",
+        *classes,
+    ]
+
+    page.select_option("#gen-class", classes[2])
+    page.fill("#gen-temperature", "0.5")
+    assert page.inner_text("#gen-temperature-value") == "0.5"
+    page.fill("#gen-seed", "7")
+    page.fill("#gen-n", "4")
+    page.click("#generate")
+    page.wait_for_selector("#gen-strip[data-state='done'][data-count='4']")
+    request = {"n": 4, "seed": 7, "temperature": 0.5, "class": classes[2]}
+    served = httpx.post(f"{server}/generate", json=request, timeout=60).json()
+    shown = page.eval_on_selector_all("#gen-strip img", "els => els.map(e => e.src)")
+    assert shown == [f"data:image/png;base64,{b}" for b in served["images"]]
+    assert _natural_widths(page, "#gen-strip img") == [card["input"]["width"]] * 4
+    captions = page.eval_on_selector_all(
+        "#gen-strip figcaption", "els => els.map(e => e.textContent)"
+    )
+    assert all(c.startswith(classes[2]) for c in captions)
+    assert "seed 7" in page.inner_text("#gen-hint")
+
+    # No seed: one is drawn, shown, and reproduces the same images.
+    page.fill("#gen-seed", "")
+    page.select_option("#gen-class", "")
+    page.click("#generate")
+    page.wait_for_function(
+        "() => { const s = document.querySelector('#gen-strip');"
+        " return s.dataset.state === 'done' && s.dataset.seed !== '7'; }"
+    )
+    seed = int(page.get_attribute("#gen-strip", "data-seed"))
+    again = httpx.post(f"{server}/generate", json={"n": 4, "seed": seed, "temperature": 0.5})
+    shown = page.eval_on_selector_all("#gen-strip img", "els => els.map(e => e.src)")
+    assert shown == [f"data:image/png;base64,{b}" for b in again.json()["images"]]
+
+    # The server's limit comes back as a readable error.
+    page.fill("#gen-n", "500")
+    page.click("#generate")
+    page.wait_for_selector("#gen-strip[data-state='error']", state="attached")
+    message = page.locator("#errors .error-message").last.inner_text()
+    assert message.startswith("Generate: ") and "HTTP 422" in message and "limit" in message
+
+
 # ---------------------------------------------------------------------------------------------
 # The routes, in process (no browser needed). While this module's Playwright (sync API) is
 # alive it holds an event loop in the main thread, so these run their own loop in a thread.
@@ -427,3 +477,31 @@ async def _only_report_figures(tmp_path: Path, figure: Path):
             assert reply.headers["content-type"].startswith("application/json")
             assert reply.json()["error"]["code"] == "not_found", name
             assert b"not for you" not in reply.content and b"beside" not in reply.content
+
+
+def test_denoise_section_adds_noise_and_shows_the_psnr(new_page, server, one_per_class):
+    page = new_page()
+    page.goto(server + "/")
+    page.wait_for_selector("#denoise-hint[data-model^='intel-scenes-denoise v']")
+    page.fill("#denoise-sigma", "25")
+    assert page.inner_text("#denoise-sigma-value") == "25"
+    page.set_input_files("#denoise-file", str(one_per_class[2]))  # picking starts the request
+    page.wait_for_selector("#denoise-out[data-state='done']")
+    assert page.locator("#denoise-out img").count() == 3  # original, noisy, cleaned
+    page.wait_for_function(
+        "[...document.querySelectorAll('#denoise-out img')].every(i => i.naturalWidth === 128)"
+    )
+    noisy = float(page.get_attribute("#denoise-out", "data-psnr-noisy"))
+    cleaned = float(page.get_attribute("#denoise-out", "data-psnr-cleaned"))
+    assert 18.0 < noisy < 23.0  # sigma 25 on the 0-255 scale is about 20 dB
+    assert cleaned > noisy + 3.0
+    assert f"{cleaned:.2f} dB" in page.inner_text("#denoise-out")
+
+    page.fill("#denoise-sigma", "0")  # the upload itself: no clean reference, no PSNR
+    page.click("#denoise-run")
+    page.wait_for_function(
+        "(o => o.dataset.state === 'done' && o.querySelectorAll('img').length === 2)"
+        "(document.querySelector('#denoise-out'))"
+    )
+    assert page.get_attribute("#denoise-out", "data-psnr-cleaned") == ""
+    assert page.locator("#errors .error").count() == 0

@@ -10,15 +10,12 @@ import httpx
 import numpy as np
 import pytest
 
-from aecore import manifest
 from aecore.preprocessing import ImageSpec, load_image
-from tests.conftest import DEFAULT_MODEL_DIR
 from tests.live import live_server
 
 httpclient = pytest.importorskip("tritonclient.http")
 ENCODER, DECODER = "intel-scenes-encoder", "intel-scenes-decoder"
 NPY = "application/x-npy"
-SERVED = manifest.resolve(DEFAULT_MODEL_DIR, "intel-scenes").name  # the latest version
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +46,16 @@ def service_latents(server, images: np.ndarray) -> np.ndarray:
 
 def test_health_and_metadata(client):
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready(ENCODER) and client.is_model_ready(DECODER, SERVED)
-    assert not client.is_model_ready("nope")
     meta = client.get_model_metadata(ENCODER)
+    (version,) = meta["versions"]  # the repository serves the highest version by default
+    assert client.is_model_ready(ENCODER) and client.is_model_ready(DECODER, version)
+    assert not client.is_model_ready("nope") and not client.is_model_ready(ENCODER, "99")
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 128, 128, 3]}]
     assert meta["outputs"] == [{"name": "latent", "datatype": "FP32", "shape": [-1, 1024]}]
-    assert meta["versions"] == [SERVED]
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    # Triton's model configuration, which its tools (perf_analyzer) read to size requests.
+    config = client.get_model_config(ENCODER)
+    assert config["max_batch_size"] > 0 and config["input"][0]["dims"] == [128, 128, 3]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -75,7 +75,8 @@ def test_decoder_round_trip_matches_reconstruct(client, server, images, binary):
     latents = service_latents(server, images)
     tensor = httpclient.InferInput("latent", list(latents.shape), "FP32")
     tensor.set_data_from_numpy(latents, binary_data=binary)
-    result = client.infer(DECODER, [tensor], model_version=SERVED,
+    version = client.get_model_metadata(DECODER)["versions"][-1]
+    result = client.infer(DECODER, [tensor], model_version=version,
                           outputs=[httpclient.InferRequestedOutput("image", binary_data=binary)])  # fmt: skip
     decoded = result.as_numpy("image")
     buf = io.BytesIO()

@@ -134,3 +134,51 @@ def spatial(input_shape=(128, 128, 3), latent_dim=1024):
 def autoencoder(encoder: keras.Model, decoder: keras.Model) -> keras.Model:
     inputs = keras.Input(encoder.input_shape[1:], name="image")
     return keras.Model(inputs, decoder(encoder(inputs)), name="autoencoder")
+
+
+DenoiserBuilder = Callable[[int], keras.Model]
+DENOISERS: dict[str, DenoiserBuilder] = {}
+
+
+def denoiser_architecture(name: str) -> Callable[[DenoiserBuilder], DenoiserBuilder]:
+    def register(builder: DenoiserBuilder) -> DenoiserBuilder:
+        DENOISERS[name] = builder
+        return builder
+
+    return register
+
+
+def build_denoiser(name: str, width: int = 16) -> keras.Model:
+    """An image -> image model of any H, W divisible by 16: [N, H, W, 3] in [0, 1] both sides."""
+    if name not in DENOISERS:
+        raise ValueError(f"unknown denoiser {name!r}; choose from {sorted(DENOISERS)}")
+    return DENOISERS[name](width)
+
+
+@denoiser_architecture("denoiser")
+def denoiser(width: int = 16) -> keras.Model:
+    """A small residual U-Net: predicts the correction to the noisy image and adds it back.
+
+    A bottleneck autoencoder cannot return more detail than its code keeps; here skip connections
+    carry each scale's detail past the bottleneck, so the network only has to learn the noise.
+    The first layer is a learned 2x2 space-to-depth (lossless from 12 channels), so every 3x3
+    convolution runs at half resolution or less, and the widest layers run at 1/16: that is what
+    makes it fast on a CPU while the receptive field still spans most of a 128x128 image.
+    """
+    inputs = keras.Input((None, None, 3), name="image")
+    s1 = layers.Conv2D(width, 2, strides=2)(inputs)  # H/2, linear so nothing is lost
+    s2 = _residual(_conv(2 * width, strides=2)(s1), 2 * width)  # H/4
+    s3 = _residual(_conv(4 * width, strides=2)(s2), 4 * width)  # H/8
+    x = _residual(_conv(8 * width, strides=2)(s3), 8 * width)  # H/16
+    x = _residual(x, 8 * width)
+    x = _residual(layers.Add()([_up(4 * width)(x), s3]), 4 * width)  # H/8
+    x = _residual(layers.Add()([_up(2 * width)(x), s2]), 2 * width)  # H/4
+    x = _conv(width)(layers.Add()([_up(width)(x), s1]))  # H/2
+    # Zero-initialised, so training starts from the identity: with a random last layer the
+    # network spent its first epochs cancelling its own output and stalled there.
+    correction = layers.Conv2DTranspose(
+        3, 2, strides=2, kernel_initializer="zeros", name="correction"
+    )(x)  # H
+    # ReLU capped at 1 is a clip to [0, 1] that exports as one ONNX op.
+    cleaned = layers.ReLU(max_value=1.0, name="cleaned")(layers.Add()([inputs, correction]))
+    return keras.Model(inputs, cleaned, name="denoiser")

@@ -1,4 +1,4 @@
-"""`python -m training {train,export,evaluate,evaluate-anomaly,calibrate,summary}`."""
+"""`python -m training {train,export,evaluate,evaluate-anomaly,calibrate,add-generator,...}`."""
 
 from __future__ import annotations
 
@@ -71,11 +71,58 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="model folder, e.g. models/intel-scenes/3")
     c.add_argument("--normal", required=True, help="folder of normal images (any layout)")
     c.add_argument("--target-fpr", type=float, default=0.01)
+    g = sub.add_parser(
+        "add-generator",
+        help="publish a model's next version with a generation density and the linear probe",
+    )
+    g.add_argument("--model", required=True, help="model folder, e.g. models/intel-scenes/1")
+    g.add_argument("--data", required=True, help="the image folder it was trained on")
+    g.add_argument("--version", type=int, help="default: the next free version")
+
+    d = sub.add_parser("train-denoiser", help="train a denoiser (noisy in, clean target)")
+    d.add_argument("--data", required=True, help="image folder: <root>/<class>/*.jpg or flat")
+    d.add_argument("--out", required=True, help="run folder for checkpoints and history")
+    d.add_argument("--arch", default="denoiser")
+    d.add_argument("--width", type=int, default=16, help="channels at the first scale")
+    d.add_argument("--epochs", type=int, default=60)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--patch", type=int, default=96, help="training crop size (divisible by 16)")
+    d.add_argument(
+        "--learning-rate", type=float, help="default 1e-3; with --resume, the rate to continue at"
+    )
+    d.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this")
+    d.add_argument("--seed", type=int, default=42)
+    d.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    x = sub.add_parser(
+        "export-denoiser", help="export, evaluate and publish a denoiser run as a model folder"
+    )
+    x.add_argument("--run", required=True, help="run folder written by `train-denoiser`")
+    x.add_argument("--model-dir", default="models")
+    x.add_argument("--name", default="intel-scenes-denoise")
+    x.add_argument("--version", type=int, help="default: the next free version")
+    _evaluation_options(x)
+
+    w = sub.add_parser(
+        "evaluate-denoiser",
+        help="PSNR/SSIM and speed of a denoiser, OpenCV NLM and BM3D on its held-out images",
+    )
+    w.add_argument("--model", required=True, help="e.g. models/intel-scenes-denoise/1")
+    w.add_argument("--data", required=True, help="the folder it was trained on (split as recorded)")
+    w.add_argument("--report-dir", help="write report.md and grid.jpg here")
+    _evaluation_options(w)
 
     s = sub.add_parser("summary", help="print the Keras summaries of an architecture")
     s.add_argument("--arch", default="seed")
     s.add_argument("--latent-dim", type=int, default=1024)
     return parser
+
+
+def _evaluation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bm3d-images", type=int, default=30, help="BM3D runs on this subset")
+    parser.add_argument(
+        "--compare-autoencoder", help="also score a bottleneck autoencoder folder on noisy input"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +242,63 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _add_generator(args) -> int:
+    from training.generation import add_generator
+
+    folder = add_generator(Path(args.model), Path(args.data), args.version)
+    print((folder / "report" / "report.md").read_text())
+    return 0
+
+
+def _train_denoiser(args) -> int:
+    from training.denoise import DenoiseConfig, train_denoiser
+
+    fields = DenoiseConfig.__dataclass_fields__
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    run_dir = train_denoiser(DenoiseConfig(**given), args.resume, args.learning_rate)
+    print(
+        f"run saved in {run_dir}; export it with: python -m training export-denoiser --run {run_dir}"
+    )
+    return 0
+
+
+def _export_denoiser(args) -> int:
+    from training.denoise_export import export_denoiser
+
+    autoencoder = Path(args.compare_autoencoder) if args.compare_autoencoder else None
+    folder = export_denoiser(
+        Path(args.run), Path(args.model_dir), args.name, args.version, args.bm3d_images, autoencoder
+    )
+    print((folder / "report" / "report.md").read_text())
+    return 0
+
+
+def _evaluate_denoiser(args) -> int:
+    from aecore import manifest
+    from training import denoise_eval
+    from training.denoise_export import heldout_split, sweep_images
+
+    folder = Path(args.model)
+    body = manifest.read(folder)
+    train, heldout = heldout_split(folder, Path(args.data))
+    autoencoder = Path(args.compare_autoencoder) if args.compare_autoencoder else None
+    evaluation, examples = denoise_eval.evaluate(
+        folder,
+        heldout,
+        sweep_images(train),
+        args.bm3d_images,
+        autoencoder,
+        body["training"]["seed"],
+    )
+    if args.report_dir:
+        report_dir = Path(args.report_dir)
+        denoise_eval.picture_grid(examples, report_dir / "grid.jpg")
+        body = {**body, "evaluation": evaluation}
+        (report_dir / "report.md").write_text(denoise_eval.report_markdown(body))
+    print(json.dumps(evaluation, indent=2))
+    return 0
+
+
 def _summary(args) -> int:
     from training.architectures import build
 
@@ -212,5 +316,9 @@ COMMANDS = {
     "evaluate": _evaluate,
     "evaluate-anomaly": _evaluate_anomaly,
     "calibrate": _calibrate,
+    "add-generator": _add_generator,
+    "train-denoiser": _train_denoiser,
+    "export-denoiser": _export_denoiser,
+    "evaluate-denoiser": _evaluate_denoiser,
     "summary": _summary,
 }

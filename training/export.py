@@ -14,7 +14,7 @@ import numpy as np
 from aecore import anomaly, manifest
 from aecore.preprocessing import ImageSpec, to_float
 from aecore.runner import Autoencoder
-from training import report
+from training import probe, report
 from training.anomaly import calibrate_and_evaluate
 from training.compare import compare
 from training.data import ImageSet
@@ -146,6 +146,8 @@ def export(
         },
         "anomaly": calibrate_and_evaluate(staging, train_set, val_set, target_fpr, config.seed),
     }
+    train_latents = Autoencoder(staging, verify=False).encode_all(train_set.images)
+    body["metrics"]["linear_probe"] = probe.linear_probe(train_set, val_set, train_latents, latents)
     if compare_seed:
         body["metrics"]["comparison"] = compare(staging, run_dir, baseline_run)
     write_report(staging / "report", body, val_set, outputs, latents, history)
@@ -172,7 +174,10 @@ def write_report(
             latents, data.labels, data.classes, report_dir / "latent_map.png"
         ),
     }
-    (report_dir / "report.md").write_text(report.markdown(body, figures))
+    linear_probe = body.get("metrics", {}).get("linear_probe")
+    (report_dir / "report.md").write_text(
+        report.markdown(body, figures) + probe.markdown(linear_probe)
+    )
     return report_dir
 
 

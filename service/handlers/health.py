@@ -41,7 +41,13 @@ async def readyz(request: Request):
     responses=KEYED_ERRORS,
 )
 async def model_card(runtime: RuntimeDep, served: ServedDep):
-    return FastJSON({**served.model.describe(), "batching": runtime.batching()})
+    return FastJSON(
+        {
+            **served.model.describe(),
+            "batching": runtime.batching(),
+            "denoiser": runtime.denoiser_card(),  # null when /denoise has no model
+        }
+    )
 
 
 @router.get(

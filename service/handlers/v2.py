@@ -52,6 +52,25 @@ class Graph:
     output: str
     output_shape: list[int]
 
+    def config(self, settings: Any) -> dict[str, Any]:
+        """Triton's model configuration (its extension): what Triton's tools, perf_analyzer
+        among them, read to size their requests; dims leave out the batch dimension."""
+
+        def tensor(name: str, shape: list[int]) -> dict[str, Any]:
+            return {"name": name, "data_type": "TYPE_FP32", "dims": shape[1:]}
+
+        return {
+            "name": self.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "max_batch_size": settings.max_batch_size,
+            "input": [tensor(self.input, self.input_shape)],
+            "output": [tensor(self.output, self.output_shape)],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)
+            },
+        }
+
     def metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -124,6 +143,18 @@ async def model_metadata(name: str, runtime: RuntimeDep) -> dict:
 )
 async def version_metadata(name: str, version: str, runtime: RuntimeDep) -> dict:
     return graph(runtime, name, version)[0].metadata()
+
+
+@router.get("/models/{name}/config", summary="Model configuration (Triton's extension)",
+            dependencies=keyed, responses={404: {}})  # fmt: skip
+async def model_config(name: str, runtime: RuntimeDep) -> dict:
+    return graph(runtime, name, None)[0].config(runtime.settings)
+
+
+@router.get("/models/{name}/versions/{version}/config", summary="Model version configuration",
+            dependencies=keyed, responses={404: {}})  # fmt: skip
+async def version_config(name: str, version: str, runtime: RuntimeDep) -> dict:
+    return graph(runtime, name, version)[0].config(runtime.settings)
 
 
 @router.get("/models/{name}/ready", summary="Model readiness", dependencies=keyed,

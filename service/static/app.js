@@ -347,6 +347,53 @@ async function interpolate(mode) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Generation: POST /generate with class, temperature, seed and count.
+
+function setUpGenerate(card) {
+  const select = $("gen-class");
+  const classes = (card.generation && card.generation.classes) || [];
+  select.textContent = "";
+  select.append(el("option", { value: "", text: "any" }));
+  for (const name of classes) select.append(el("option", { value: name, text: name }));
+  $("generate").disabled = classes.length === 0;
+  if (classes.length === 0) $("gen-hint").textContent = "This model has no generation density.";
+}
+
+let generationRun = 0;
+
+async function generate() {
+  const run = ++generationRun;
+  const request = {
+    n: Number($("gen-n").value),
+    temperature: Number($("gen-temperature").value),
+  };
+  if ($("gen-class").value) request.class = $("gen-class").value;
+  if ($("gen-seed").value.trim() !== "") request.seed = Number($("gen-seed").value);
+  const strip = $("gen-strip");
+  strip.dataset.state = "pending";
+  try {
+    // A Blob's type becomes the request's Content-Type.
+    const body = new Blob([JSON.stringify(request)], { type: "application/json" });
+    const reply = await api("/generate", { method: "POST", body });
+    if (run !== generationRun) return; // a newer request replaced this one
+    strip.textContent = "";
+    reply.images.forEach((image, i) => {
+      strip.append(figure(png(image), `${reply.classes[i]} ${i + 1}`, "generated"));
+    });
+    $("gen-hint").textContent = `seed ${reply.seed}: send it again for the same images.`;
+    strip.dataset.seed = String(reply.seed);
+    strip.dataset.count = String(reply.images.length);
+    strip.dataset.state = "done";
+  } catch (err) {
+    if (run !== generationRun) return;
+    strip.textContent = "";
+    delete strip.dataset.count;
+    strip.dataset.state = "error";
+    showError("Generate", err);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Model card: GET /model and the report figures.
 
 function cardRow(list, term, value) {
@@ -377,6 +424,7 @@ async function loadModel() {
     cardRow(list, "anomaly", `${anomaly.scorer || "—"} > ${fmt(anomaly.threshold)}`);
     cardRow(list, "providers", (card.providers || []).join(", ") || "—");
     if (card.created) cardRow(list, "created", String(card.created));
+    setUpGenerate(card);
     list.dataset.state = "done";
   } catch (err) {
     $("model-badge").textContent = "model card unavailable";
@@ -422,6 +470,155 @@ async function loadFigures() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Denoise: an upload, resized here to the denoiser's input size, optionally with Gaussian noise
+// added in the page, sent to /denoise; PSNR of the noisy and the cleaned image against it.
+
+const denoiser = { size: null, file: null, run: 0 };
+
+async function loadDenoiser() {
+  try {
+    const card = await api("/model");
+    const input = card.denoiser ? card.denoiser.input : null;
+    denoiser.size = input ? [input.width, input.height] : null;
+    $("denoise-hint").dataset.model = card.denoiser
+      ? `${card.denoiser.name} v${card.denoiser.version}`
+      : "";
+    if (!card.denoiser) {
+      $("denoise-hint").textContent = "This server has no denoising model loaded (AE_DENOISE_MODEL).";
+    }
+  } catch (err) {
+    denoiser.size = null;
+    showError("Denoiser", err);
+  }
+  $("denoise-run").disabled = !(denoiser.size && denoiser.file);
+}
+
+// A standard normal sample (Box-Muller).
+function gaussian() {
+  const u = 1 - Math.random();
+  return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * Math.random());
+}
+
+async function pixelsOf(source, [width, height]) {
+  const canvas = el("canvas", { width: String(width), height: String(height) });
+  const context = canvas.getContext("2d", { willReadFrequently: true });
+  context.imageSmoothingQuality = "high";
+  context.drawImage(source, 0, 0, width, height);
+  return { canvas, data: context.getImageData(0, 0, width, height) };
+}
+
+function withNoise(image, sigma) {
+  const out = new ImageData(new Uint8ClampedArray(image.data), image.width, image.height);
+  for (let i = 0; i < out.data.length; i += 4) {
+    for (let c = 0; c < 3; c++) out.data[i + c] = Math.round(image.data[i + c] + sigma * gaussian());
+  }
+  return out; // Uint8ClampedArray clips to 0..255
+}
+
+// PSNR in dB over the RGB channels, as scikit-image computes it with data_range 255.
+function psnr(a, b) {
+  let sum = 0;
+  let n = 0;
+  for (let i = 0; i < a.data.length; i += 4) {
+    for (let c = 0; c < 3; c++) {
+      const d = a.data[i + c] - b.data[i + c];
+      sum += d * d;
+      n++;
+    }
+  }
+  return sum === 0 ? Infinity : 10 * Math.log10((255 * 255) / (sum / n));
+}
+
+function imageDataUrl(image) {
+  const canvas = el("canvas", { width: String(image.width), height: String(image.height) });
+  canvas.getContext("2d").putImageData(image, 0, 0);
+  return canvas.toDataURL("image/png");
+}
+
+const loadImg = (src) =>
+  new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the browser cannot display this image"));
+    img.src = src;
+  });
+
+async function imageOf(blob) {
+  const url = URL.createObjectURL(blob);
+  try {
+    return await loadImg(url);
+  } finally {
+    URL.revokeObjectURL(url);
+  }
+}
+
+function psnrFigure(src, title, value) {
+  const fig = figure(src, "", "step");
+  const caption = fig.querySelector("figcaption");
+  caption.textContent = title;
+  if (value !== null) {
+    caption.append(el("br"), el("span", { class: "psnr", text: `${value.toFixed(2)} dB` }));
+  }
+  return fig;
+}
+
+async function denoise() {
+  const run = ++denoiser.run;
+  const out = $("denoise-out");
+  const sigma = Number($("denoise-sigma").value);
+  out.dataset.state = "pending";
+  try {
+    let clean = null;
+    let noisy;
+    let body;
+    if (sigma > 0) {
+      clean = (await pixelsOf(await imageOf(denoiser.file), denoiser.size)).data;
+      noisy = withNoise(clean, sigma);
+      body = await (await fetch(imageDataUrl(noisy))).blob();
+    } else {
+      body = denoiser.file;
+    }
+    const data = new FormData();
+    data.append("images", body, denoiser.file.name);
+    const reply = await api("/denoise", { method: "POST", body: data });
+    if (run !== denoiser.run) return; // a newer request replaced this one
+    const cleanedImg = await loadImg(png(reply.images[0]));
+    const cleaned = (await pixelsOf(cleanedImg, denoiser.size)).data;
+    if (!noisy) noisy = (await pixelsOf(await imageOf(body), denoiser.size)).data;
+    out.textContent = "";
+    const noisyPsnr = clean ? psnr(clean, noisy) : null;
+    const cleanedPsnr = clean ? psnr(clean, cleaned) : null;
+    if (clean) out.append(psnrFigure(imageDataUrl(clean), "original", null));
+    out.append(
+      psnrFigure(imageDataUrl(noisy), sigma > 0 ? `noisy (σ ${sigma})` : "upload", noisyPsnr),
+      psnrFigure(png(reply.images[0]), `cleaned (${reply.model.name} v${reply.model.version})`, cleanedPsnr),
+    );
+    out.dataset.psnrNoisy = noisyPsnr === null ? "" : noisyPsnr.toFixed(2);
+    out.dataset.psnrCleaned = cleanedPsnr === null ? "" : cleanedPsnr.toFixed(2);
+    out.dataset.state = "done";
+  } catch (err) {
+    if (run !== denoiser.run) return;
+    out.textContent = "";
+    out.dataset.state = "error";
+    showError("Denoise", err);
+  }
+}
+
+function setUpDenoise() {
+  $("denoise-file").addEventListener("change", (event) => {
+    denoiser.file = event.target.files[0] || null;
+    event.target.value = "";
+    $("denoise-run").disabled = !(denoiser.size && denoiser.file);
+    if (denoiser.size && denoiser.file) denoise();
+  });
+  $("denoise-sigma").addEventListener("input", (event) => {
+    $("denoise-sigma-value").textContent = event.target.value;
+  });
+  $("denoise-run").addEventListener("click", denoise);
+  loadDenoiser();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Wiring.
 
 function setUp() {
@@ -458,6 +655,10 @@ function setUp() {
   });
   $("interpolate").addEventListener("click", () => interpolate("path"));
   $("average").addEventListener("click", () => interpolate("average"));
+  $("gen-temperature").addEventListener("input", (event) => {
+    $("gen-temperature-value").textContent = event.target.value;
+  });
+  $("generate").addEventListener("click", generate);
   $("key-button").addEventListener("click", async () => {
     if (await askForKey("")) loadModel();
   });
@@ -466,3 +667,4 @@ function setUp() {
 }
 
 setUp();
+setUpDenoise();

@@ -1,0 +1,63 @@
+"""POST /denoise: images -> the denoising model (AE_DENOISE_MODEL) -> cleaned images."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from service import errors
+from service.dependencies import RuntimeDep, ServedDep, require_api_key
+from service.handlers.common import request_images
+from service.inputs import preprocess, wants_npy
+from service.responses import FastJSON, npy_response
+from service.schemas import (
+    IMAGE_INPUTS,
+    DenoiseResponse,
+    ErrorBody,
+    ImagesJson,
+    request_body,
+    responses,
+)
+
+router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/denoise",
+    summary="Denoise images",
+    description="Each image through the model that declares the `denoise` task "
+    f"(AE_DENOISE_MODEL), at its input size. {IMAGE_INPUTS} "
+    "`Accept: application/x-npy` returns a float32 [N, H, W, 3] .npy array in [0, 1]. "
+    "404 `not_found` when no denoising model is loaded.",
+    response_model=None,
+    responses={
+        **responses(DenoiseResponse, npy=True),
+        404: {"model": ErrorBody, "description": "no denoising model is loaded"},
+    },
+    openapi_extra=request_body(ImagesJson, raw_images=True),
+)
+async def denoise(request: Request, runtime: RuntimeDep, served: ServedDep):
+    # `served` (the default autoencoder) lends the shared request steps: body parsing,
+    # admission, phase timing and PNG encoding; the images run through the denoiser.
+    denoiser = runtime.denoiser
+    if denoiser is None:  # before reading the body: nothing it holds can change the answer
+        raise errors.NotFound(
+            "no denoising model is loaded: set AE_DENOISE_MODEL to a model under AE_MODEL_DIR "
+            "whose manifest declares the `denoise` task"
+        )
+    parsed = await request_images(request, served)
+    with served.admit(parsed.image_count):
+        with served.phase("preprocess", "denoise"):
+            images = await preprocess(
+                denoiser, parsed, runtime.settings.max_image_pixels, runtime.pool
+            )
+        cleaned = await runtime.denoise(images)
+        served.count("denoise", len(cleaned))
+        with served.phase("postprocess", "denoise"):
+            if wants_npy(request):
+                return npy_response(cleaned)
+            return FastJSON(
+                {
+                    "model": {"name": denoiser.name, "version": denoiser.version},
+                    "images": await served.pngs(cleaned),
+                }
+            )
