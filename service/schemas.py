@@ -75,7 +75,8 @@ class DenoiseResponse(BaseModel):
 
 
 class AnomalyResult(BaseModel):
-    score: float
+    score: float = Field(description="0-1, threshold at 0.5; the raw score for older models")
+    raw_score: float | None = Field(None, description="on the scorer's own scale")
     is_anomaly: bool
     mse: float
     heatmap: str | None = Field(None, description="base64 PNG, with heatmap=true")
@@ -83,7 +84,9 @@ class AnomalyResult(BaseModel):
 
 class AnomalyResponse(BaseModel):
     model: ModelRef
-    threshold: float
+    threshold: float = Field(description="0.5 when `normalised`, else the raw threshold")
+    raw_threshold: float | None = Field(None, description="the calibrated raw threshold")
+    normalised: bool | None = Field(None, description="scores are on the 0-1 scale")
     scorer: str
     results: list[AnomalyResult]
 

@@ -115,16 +115,16 @@ async def test_anomaly_score_uses_the_manifest_scorer_and_threshold(scene_bytes,
         recon = (await client.post("/reconstruct", files=multipart(blobs))).json()
     block = model_manifest["anomaly"]
     assert default["scorer"] == block["scorer"]
-    assert default["threshold"] == pytest.approx(block["threshold"])
+    assert default["raw_threshold"] == pytest.approx(block["threshold"])
     assert default["results"] == by_name[block["scorer"]]["results"]
     for name, reply in by_name.items():
         assert reply["scorer"] == name
-        assert reply["threshold"] == pytest.approx(block["scorers"][name]["threshold"])
+        assert reply["raw_threshold"] == pytest.approx(block["scorers"][name]["threshold"])
         for result, mse in zip(reply["results"], recon["mse"], strict=True):
             assert result["mse"] == pytest.approx(mse, rel=1e-4)
-            assert result["is_anomaly"] == (result["score"] > reply["threshold"])
+            assert result["is_anomaly"] == (result["raw_score"] > reply["raw_threshold"])
             assert "heatmap" not in result
-    mse_scores = [r["score"] for r in by_name["mse"]["results"]]
+    mse_scores = [r["raw_score"] for r in by_name["mse"]["results"]]
     np.testing.assert_allclose(mse_scores, recon["mse"], rtol=1e-4)
     for result in maps.json()["results"]:
         assert png_pixels(result["heatmap"]).shape == (128, 128, 3)

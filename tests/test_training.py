@@ -197,12 +197,14 @@ def test_train_resume_export_gives_a_valid_model_folder(tmp_path):
     )  # fmt: skip
     assert recalibrated.returncode == 0, recalibrated.stderr
     assert "| combined |" in recalibrated.stdout  # the AUROC table
-    block = manifest.read(folder)["anomaly"]
+    # A published version never changes: the recalibration is version 2.
+    assert manifest.read(folder)["anomaly"]["scorer"] == "combined"
+    block = manifest.read(folder.with_name("2"))["anomaly"]
     assert block["scorer"] == "local" and block["target_fpr"] == 0.05
     assert block["threshold"] == block["scorers"]["local"]["threshold"]
 
     again = export(run, tmp_path / "models", "fixture", baseline_run=run)  # with the comparison
-    assert again.name == "2"  # the next free version
+    assert again.name == "3"  # the next free version
     comparison = manifest.read(again)["metrics"]["comparison"]
     assert set(comparison["reconstruct_img_s"]) == {"spatial", "seed"}
     # Both architectures measured in the same run; the ratio is theirs (no timing is asserted).

@@ -1,4 +1,4 @@
-"""`python -m training {train,export,evaluate,evaluate-anomaly,add-generator,summary}`."""
+"""`python -m training {train,export,evaluate,evaluate-anomaly,calibrate,add-generator,...}`."""
 
 from __future__ import annotations
 
@@ -49,13 +49,28 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser(
         "evaluate-anomaly",
-        help="recalibrate a model's anomaly scorers and write their AUROC table to its report",
+        help="refit, calibrate and evaluate a model's anomaly scorers (ImageNet-C, off-domain "
+        "photos) and publish them with their report as the model's next version",
     )
     a.add_argument("--model", required=True, help="model folder, e.g. models/intel-scenes/1")
-    a.add_argument("--run", required=True, help="its training run (for the train/val split)")
+    how = a.add_mutually_exclusive_group(required=True)
+    how.add_argument("--run", help="its training run (for the train/val split)")
+    how.add_argument(
+        "--reuse",
+        help="a version with the same encoder and decoder whose scorers, calibration and "
+        "anomaly report to carry over instead of refitting",
+    )
     a.add_argument("--target-fpr", type=float, default=0.01)
     a.add_argument("--scorer", default="combined", help="the default scorer to record")
 
+    c = sub.add_parser(
+        "calibrate",
+        help="refit a model's anomaly thresholds and 0-1 maps on your own normal images and "
+        "publish them as the model's next version",
+    )
+    c.add_argument("--model", required=True, help="model folder, e.g. models/intel-scenes/3")
+    c.add_argument("--normal", required=True, help="folder of normal images (any layout)")
+    c.add_argument("--target-fpr", type=float, default=0.01)
     g = sub.add_parser(
         "add-generator",
         help="publish a model's next version with a generation density and the linear probe",
@@ -179,19 +194,51 @@ def _evaluate(args) -> int:
 
 
 def _evaluate_anomaly(args) -> int:
-    from aecore import manifest
-    from training.anomaly import calibrate_and_evaluate
+    from training.anomaly import publish_evaluated, publish_reused
+
+    if args.reuse:
+        folder = publish_reused(Path(args.model), Path(args.reuse))
+        print(f"published {folder}")
+        return 0
     from training.train import TrainConfig, load_split
 
-    folder = Path(args.model)
-    body = manifest.read(folder)
     config = TrainConfig(**json.loads((Path(args.run) / "config.json").read_text()))
     train, val = load_split(config, Path(args.run))
-    body["anomaly"] = calibrate_and_evaluate(
-        folder, train, val, args.target_fpr, config.seed, args.scorer
+    folder = publish_evaluated(
+        Path(args.model), train, val, args.target_fpr, config.seed, args.scorer
     )
-    manifest.write(folder, body)
     print((folder / "report" / "anomaly.md").read_text())
+    print(f"published {folder}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from aecore import manifest
+    from aecore.preprocessing import ImageSpec
+    from training import data
+    from training.anomaly import publish_recalibrated
+
+    source = Path(args.model)
+    try:
+        spec = ImageSpec.from_manifest(manifest.read(source)["input"])
+    except manifest.ModelFolderError as exc:
+        raise ValueError(f"--model {source}: {exc}") from None
+    normal = data.load(Path(args.normal), spec)
+    folder, calibration = publish_recalibrated(source, normal, args.target_fpr)
+    e = calibration["expected_fpr"]
+    print(
+        json.dumps(
+            {
+                "model": str(folder),
+                "images": calibration["images"],
+                "skipped_files": len(normal.skipped),
+                "target_fpr": args.target_fpr,
+                "expected_fpr": e["expected"],
+                "expected_fpr_ci95": [e["low"], e["high"]],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -268,6 +315,7 @@ COMMANDS = {
     "export": _export,
     "evaluate": _evaluate,
     "evaluate-anomaly": _evaluate_anomaly,
+    "calibrate": _calibrate,
     "add-generator": _add_generator,
     "train-denoiser": _train_denoiser,
     "export-denoiser": _export_denoiser,

@@ -21,7 +21,9 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     "/anomaly-score",
     summary="Score images for anomalies",
     description="`is_anomaly` is `score > threshold`. The scorer (default: the manifest's) and "
-    "its threshold come from the model's manifest, calibrated on held-out images. "
+    "its threshold come from the model's manifest, calibrated on held-out images. Scores are on "
+    "a 0-1 scale with the threshold at 0.5 (`normalised`); `raw_score` and `raw_threshold` are "
+    "on the scorer's own scale. "
     f"`heatmap=true` adds the smoothed per-pixel error laid over each input. {IMAGE_INPUTS}",
     response_model=None,
     responses=responses(AnomalyResponse),
@@ -32,7 +34,7 @@ async def anomaly_score(
     served: ServedDep,
     heatmap: Annotated[bool, Query(description="add a base64 PNG error heatmap per image")] = False,
     scorer: Annotated[
-        str | None, Query(description="mse, local, latent or combined; default: the model's")
+        str | None, Query(description="a scorer in the model's manifest; default: the model's")
     ] = None,
 ):
     scorers = served.model.scorers
@@ -49,10 +51,15 @@ async def anomaly_score(
         evidence = Evidence(images, outputs, latents)
         scores = await loop.run_in_executor(served.pool, served.model.score, name, evidence)
         mse = per_image_mse(images, outputs)
-        threshold = scorers.thresholds[name]
+        raw_threshold = scorers.thresholds[name]
         results = [
-            {"score": float(s), "is_anomaly": bool(s > threshold), "mse": float(m)}
-            for s, m in zip(scores, mse, strict=True)
+            {
+                "score": float(u),
+                "raw_score": float(s),
+                "is_anomaly": bool(s > raw_threshold),
+                "mse": float(m),
+            }
+            for u, s, m in zip(scorers.unit(name, scores), scores, mse, strict=True)
         ]
         if heatmap:
             with served.phase("postprocess", "anomaly-score"):
@@ -68,5 +75,12 @@ async def anomaly_score(
                     result["heatmap"] = png
     served.count("anomaly-score", len(results))
     return FastJSON(
-        {"model": served.ref(), "threshold": threshold, "scorer": name, "results": results}
+        {
+            "model": served.ref(),
+            "threshold": scorers.unit_threshold(name),
+            "raw_threshold": raw_threshold,
+            "normalised": scorers.normalised(name),
+            "scorer": name,
+            "results": results,
+        }
     )
