@@ -15,7 +15,7 @@ from aecore import anomaly, manifest
 from aecore.preprocessing import ImageSpec, to_float
 from aecore.runner import Autoencoder
 from training import probe, report
-from training.anomaly import calibrate_and_evaluate
+from training.anomaly import calibrate_and_evaluate, scorer_files
 from training.compare import compare
 from training.data import ImageSet
 from training.onnx_export import ParityError, check_parity, export_graphs
@@ -151,6 +151,8 @@ def export(
     if compare_seed:
         body["metrics"]["comparison"] = compare(staging, run_dir, baseline_run)
     write_report(staging / "report", body, val_set, outputs, latents, history)
+    # The manifest's hashes cover every file the service reads: the scorers' files too.
+    body["files"] = manifest.file_entries(staging, {**GRAPH_FILES, **scorer_files(body["anomaly"])})
     manifest.write(staging, body)
     return manifest.publish(staging, model_root, version)
 
