@@ -16,7 +16,45 @@ from aecore.graphs import default_threads, open_session
 from aecore.preprocessing import ImageSpec, load_image, to_float
 
 
-class Autoencoder:
+class ModelFolder:
+    """What every model folder's runner shares: the manifest, the input it takes, its sessions'
+    threads, and the one preprocessing of image bytes."""
+
+    def __init__(
+        self, folder: Path, intra_op_threads: int | None = None, verify: bool = True
+    ) -> None:
+        self.folder = Path(folder)
+        self.manifest: dict[str, Any] = manifest.read(self.folder, verify=verify)
+        self.spec = ImageSpec.from_manifest(self.manifest["input"])
+        self.intra_op_threads = intra_op_threads or default_threads()
+
+    def _open(self, name: str, providers, provider_options=None) -> Any:
+        return open_session(self.folder / name, providers, self.intra_op_threads, provider_options)
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    def preprocess(
+        self, data: bytes, max_pixels: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Encoded image bytes -> the float32 [H, W, 3] the graph takes (the one pipeline),
+        written into `out` (a slot of a batch) when given."""
+        return load_image(data, self.spec, max_pixels, out)
+
+
+def in_chunks(run, array: np.ndarray, batch_size: int, empty: tuple[int, ...]) -> np.ndarray:
+    """`run` over `array` in chunks of `batch_size` (uint8 images scaled as preprocessing
+    does), joined; an empty result has shape `empty`."""
+    chunks = [run(_as_input(array[i : i + batch_size])) for i in range(0, len(array), batch_size)]
+    return np.concatenate(chunks) if chunks else np.empty(empty, np.float32)
+
+
+class Autoencoder(ModelFolder):
     """Encoder and decoder sessions of one model folder, described by its `model.json`."""
 
     def __init__(
@@ -28,11 +66,8 @@ class Autoencoder:
         precision: str = "fp32",
         provider_options: list[dict[str, str]] | None = None,
     ) -> None:
-        self.folder = Path(folder)
-        self.manifest: dict[str, Any] = manifest.read(self.folder, verify=verify)
-        self.spec = ImageSpec.from_manifest(self.manifest["input"])
+        super().__init__(folder, intra_op_threads, verify)
         self.latent_dim = int(self.manifest["latent_dim"])
-        self.intra_op_threads = intra_op_threads or default_threads()
         self.precision = precision
         files, parts = self.manifest["files"], manifest.precision_parts(self.manifest, precision)
         self.encoder, self.decoder = (
@@ -46,17 +81,6 @@ class Autoencoder:
                 f"{self.spec.shape} and latent {self.latent_dim}"
             )
         self._enc_input, self._dec_input = enc_in.name, dec_in.name
-
-    def _open(self, name: str, providers, provider_options) -> Any:
-        return open_session(self.folder / name, providers, self.intra_op_threads, provider_options)
-
-    @property
-    def name(self) -> str:
-        return str(self.manifest["name"])
-
-    @property
-    def version(self) -> int:
-        return int(self.manifest["version"])
 
     @property
     def providers(self) -> list[str]:
@@ -75,18 +99,10 @@ class Autoencoder:
     # -- whole arrays in chunks: offline work (training reports, calibration, batch jobs) --
     def encode_all(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Latents of float32 or uint8 images (uint8 is scaled as preprocessing does)."""
-        chunks = [
-            self.encode(_as_input(images[i : i + batch_size]))
-            for i in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(chunks) if chunks else np.empty((0, self.latent_dim), np.float32)
+        return in_chunks(self.encode, images, batch_size, (0, self.latent_dim))
 
     def decode_all(self, latents: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        chunks = [
-            self.decode(np.ascontiguousarray(latents[i : i + batch_size], np.float32))
-            for i in range(0, len(latents), batch_size)
-        ]
-        return np.concatenate(chunks) if chunks else np.empty((0, *self.spec.shape), np.float32)
+        return in_chunks(self.decode, latents, batch_size, (0, *self.spec.shape))
 
     def reconstruct_all(
         self, images: np.ndarray, batch_size: int = 32
@@ -94,13 +110,6 @@ class Autoencoder:
         """(latents, reconstructions) of uint8 or float32 images."""
         latents = self.encode_all(images, batch_size)
         return latents, self.decode_all(latents, batch_size)
-
-    def preprocess(
-        self, data: bytes, max_pixels: int | None = None, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Encoded image bytes -> the float32 [H, W, 3] the encoder takes (the one pipeline),
-        written into `out` (a slot of a batch) when given."""
-        return load_image(data, self.spec, max_pixels, out)
 
 
 def _as_input(images: np.ndarray) -> np.ndarray:

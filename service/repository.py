@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from aecore import manifest
-from service.batcher import Batcher
 from service.errors import ApiError
 from service.inputs import Parsed, preprocess
 from service.model import AutoencoderModel
@@ -47,18 +46,8 @@ class Served:
         self.model = model
         self.leases = 0
         self.retiring = False
-        s = self.settings
-        labels = {"model": model.name, "version": str(model.version)}
-        common = dict(
-            metrics=runtime.metrics,
-            max_batch=s.max_batch_size,
-            max_delay_s=s.max_queue_delay_ms / 1000.0,
-            max_queue=s.max_queue_size,
-            timeout_s=s.queue_timeout_s,
-            retry_after_s=s.retry_after_s,
-        )
-        self.encoder = Batcher("encoder", model.encode, labels=labels, **common)
-        self.decoder = Batcher("decoder", model.decode, labels=labels, **common)
+        self.encoder = runtime.batcher("encoder", model.encode, model)
+        self.decoder = runtime.batcher("decoder", model.decode, model)
 
     @property
     def healthy(self) -> bool:

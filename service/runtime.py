@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,17 +57,7 @@ class Runtime:
             self.default()  # raises ModelNotFound: no such model in the repository
         self.denoiser = await asyncio.to_thread(self._load_denoiser)
         if self.denoiser is not None:
-            self.denoise_batcher = Batcher(
-                "denoiser",
-                self.denoiser.denoise,
-                metrics=self.metrics,
-                max_batch=s.max_batch_size,
-                max_delay_s=s.max_queue_delay_ms / 1000.0,
-                max_queue=s.max_queue_size,
-                timeout_s=s.queue_timeout_s,
-                retry_after_s=s.retry_after_s,
-                labels={"model": self.denoiser.name, "version": str(self.denoiser.version)},
-            )
+            self.denoise_batcher = self.batcher("denoiser", self.denoiser.denoise, self.denoiser)
             self.denoise_batcher.start()
         if self.settings.model_poll_s > 0:
             self._poller = asyncio.get_running_loop().create_task(
@@ -122,6 +113,21 @@ class Runtime:
 
     async def denoise(self, images: np.ndarray) -> np.ndarray:
         return await self.denoise_batcher.submit(images)
+
+    def batcher(self, part: str, run: Callable, model: Any) -> Batcher:
+        """A batcher for one graph of `model`, with the service's batching settings."""
+        s = self.settings
+        return Batcher(
+            part,
+            run,
+            metrics=self.metrics,
+            max_batch=s.max_batch_size,
+            max_delay_s=s.max_queue_delay_ms / 1000.0,
+            max_queue=s.max_queue_size,
+            timeout_s=s.queue_timeout_s,
+            retry_after_s=s.retry_after_s,
+            labels={"model": model.name, "version": str(model.version)},
+        )
 
     def default(self) -> Served:
         """The default model (AE_MODEL_NAME) at its highest served version."""
