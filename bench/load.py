@@ -40,7 +40,7 @@ from bench.common import (
     table,
     write_json,
 )
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, live_server, metric
 
 CONCURRENCY = (1, 8, 32, 64)
 ENDPOINTS = ("encode", "reconstruct")
@@ -65,26 +65,14 @@ def server(env: dict[str, str], argv: list[str] | None = None) -> Iterator[LiveS
         yield srv
 
 
-# -- /metrics ----------------------------------------------------------------------------------
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+# -- /metrics ---------------------------------------------------------------------------------
+def metric_delta(before: str, after: str, name: str, **labels: str) -> float:
+    """How much a metric grew between two /metrics texts (summed over other labels, such as
+    the model and version of every batcher)."""
+    return metric(after, name, **labels) - metric(before, name, **labels)
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} (labels exactly as the server wrote them)."""
-    samples = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
-    return samples
-
-
-def metric_delta(before: dict, after: dict, name: str, **labels: str) -> float:
-    key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-    return after.get(key, 0.0) - before.get(key, 0.0)
-
-
-def window_metrics(before: dict, after: dict, endpoint: str, seconds: float) -> dict:
+def window_metrics(before: str, after: str, endpoint: str, seconds: float) -> dict:
     """What the server saw during the measured window, from counter deltas."""
     out = {}
     for part in ("encoder", "decoder"):
@@ -222,11 +210,11 @@ async def measure(
         tasks = [asyncio.create_task(one_user(client)) for client in users]
         await asyncio.sleep(warmup)
         ort_threads = await onnxruntime_threads(srv)
-        before = parse_metrics((await control.get(f"{srv.base}/metrics")).text)
+        before = (await control.get(f"{srv.base}/metrics")).text
         threads0, own0, t0 = srv.thread_cpu_seconds(), time.process_time(), time.perf_counter()
         await asyncio.gather(asyncio.sleep(seconds), *([during()] if during else []))
         t1, threads1, own1 = time.perf_counter(), srv.thread_cpu_seconds(), time.process_time()
-        after = parse_metrics((await control.get(f"{srv.base}/metrics")).text)
+        after = (await control.get(f"{srv.base}/metrics")).text
         stop.set()
         await asyncio.gather(*tasks)
 
@@ -324,8 +312,11 @@ def run(
                 "providers": card.get("providers"),
                 "intra_op_threads": card.get("intra_op_threads"),
             }
+            queue = (card.get("batching") or {}).get("max_queue_size", 512)
             for endpoint, body in todo:
                 for c in concurrency:
+                    if body == "npy32" and c * NPY_IMAGES > queue:
+                        continue  # more images in flight than the queue holds: only 429s
                     result = run_loop(measure(srv, endpoint, c, seconds, body_kind=body))
                     record({"server": f"batching {mode}", "batching": mode, **result})
     if naive:

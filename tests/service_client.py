@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import re
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
@@ -18,6 +17,7 @@ from aecore.preprocessing import decode_rgb
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import DEFAULT_MODEL_DIR
+from tests.live import metric  # noqa: F401  (the service tests read metrics with it)
 
 
 def settings(**overrides) -> Settings:
@@ -49,23 +49,6 @@ def npy(body: bytes) -> np.ndarray:
 
 def multipart(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
-
-
-_SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` in Prometheus text whose labels include `labels`
-    (other labels, e.g. a batcher's model and version, are summed over); 0 when absent."""
-    total = 0.0
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if not match or match.group(1) != name:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(match.group(3))
-    return total
 
 
 @contextmanager
