@@ -87,8 +87,9 @@ def render(result: dict) -> str:
             md_table(
                 rows,
                 [
-                    ("batching", "batching"),
+                    ("server", "server"),
                     ("endpoint", "endpoint"),
+                    ("body", "body"),
                     ("concurrency", "concurrency"),
                     ("img_per_s", "img/s"),
                     ("p50_ms", "p50 ms"),
@@ -100,6 +101,7 @@ def render(result: dict) -> str:
                     ("server_cores", "server cores"),
                     ("loadgen_cores", "load-gen cores"),
                     ("server_cpu_ms_per_img", "server CPU ms/img"),
+                    ("frontend_cpu_ms_per_img", "front-end CPU ms/img"),
                     ("loadgen_cpu_ms_per_img", "load-gen CPU ms/img"),
                 ],
             ),
