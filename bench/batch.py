@@ -98,7 +98,7 @@ def batch_job(paths: list[Path], verb: str, batch_size: int, workdir: Path) -> d
     from batch.job import Options, run, start_ray
 
     listing = workdir / "files.txt"
-    listing.write_text("".join(f"{p}\n" for p in paths))
+    listing.write_text("".join(f"{p.resolve()}\n" for p in paths))  # a list is read from its folder
     tree = TreeCpu()
     started = time.perf_counter()
     start_ray()
