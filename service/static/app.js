@@ -425,6 +425,7 @@ async function loadModel() {
     cardRow(list, "providers", (card.providers || []).join(", ") || "—");
     if (card.created) cardRow(list, "created", String(card.created));
     setUpGenerate(card);
+    setUpDenoiser(card);
     list.dataset.state = "done";
   } catch (err) {
     $("model-badge").textContent = "model card unavailable";
@@ -475,20 +476,16 @@ async function loadFigures() {
 
 const denoiser = { size: null, file: null, run: 0 };
 
-async function loadDenoiser() {
-  try {
-    const card = await api("/model");
-    const input = card.denoiser ? card.denoiser.input : null;
-    denoiser.size = input ? [input.width, input.height] : null;
-    $("denoise-hint").dataset.model = card.denoiser
-      ? `${card.denoiser.name} v${card.denoiser.version}`
-      : "";
-    if (!card.denoiser) {
-      $("denoise-hint").textContent = "This server has no denoising model loaded (AE_DENOISE_MODEL).";
-    }
-  } catch (err) {
-    denoiser.size = null;
-    showError("Denoiser", err);
+// The denoiser is described by the model card (GET /model's `denoiser`): one request, one
+// error when it fails, and set up again when the card loads again (after a key is given).
+function setUpDenoiser(card) {
+  const input = card.denoiser ? card.denoiser.input : null;
+  denoiser.size = input ? [input.width, input.height] : null;
+  $("denoise-hint").dataset.model = card.denoiser
+    ? `${card.denoiser.name} v${card.denoiser.version}`
+    : "";
+  if (!card.denoiser) {
+    $("denoise-hint").textContent = "This server has no denoising model loaded (AE_DENOISE_MODEL).";
   }
   $("denoise-run").disabled = !(denoiser.size && denoiser.file);
 }
@@ -615,7 +612,6 @@ function setUpDenoise() {
     $("denoise-sigma-value").textContent = event.target.value;
   });
   $("denoise-run").addEventListener("click", denoise);
-  loadDenoiser();
 }
 
 // ---------------------------------------------------------------------------------------------
