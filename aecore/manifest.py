@@ -131,6 +131,24 @@ def next_version(model_root: Path) -> int:
     return existing[-1] + 1 if existing else 1
 
 
+def new_version(model_root: Path, version: int | None = None) -> tuple[int, Path]:
+    """The version to publish next under `model_root` (or `version`, which must be free) and
+    its fresh staging folder."""
+    version = version or next_version(model_root)
+    if (Path(model_root) / str(version)).exists():
+        raise FileExistsError(f"{Path(model_root) / str(version)} exists; choose another --version")
+    return version, staging_folder(model_root, version)
+
+
+def stage_copy(source: Path, version: int | None = None) -> tuple[Path, Path, int]:
+    """A new version derived from `source`: (its staging folder, holding a copy of `source`'s
+    files, the model root, the version it becomes). `source` itself is never touched."""
+    source = Path(source)
+    version, staging = new_version(source.parent, version)
+    shutil.copytree(source, staging, dirs_exist_ok=True)
+    return staging, source.parent, version
+
+
 def staging_folder(model_root: Path, version: int) -> Path:
     """A hidden `.N.partial` folder beside the versions; servers never load such a name."""
     staging = Path(model_root) / f".{version}.partial"

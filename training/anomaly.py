@@ -303,16 +303,6 @@ def clopper_pearson(flagged: int, n: int, confidence: float = 0.95) -> tuple[flo
 # -- new versions --------------------------------------------------------------------------
 
 
-def stage_copy(source: Path) -> tuple[Path, Path, int]:
-    """(staging folder holding a copy of `source`, the model root, the version it becomes)."""
-    source = Path(source)
-    root = source.parent
-    version = manifest.next_version(root)
-    staging = manifest.staging_folder(root, version)
-    shutil.copytree(source, staging, dirs_exist_ok=True)
-    return staging, root, version
-
-
 def refresh_report_summary(report_dir: Path, block: dict) -> None:
     """Rewrite report.md's one-line anomaly summary (copied from the source version) so that
     it states this version's figures."""
@@ -366,7 +356,7 @@ def publish_evaluated(
 ) -> Path:
     """Refit and evaluate `source`'s scorers in a copy and publish it as the next version."""
     body = manifest.read(source)
-    staging, root, version = stage_copy(source)
+    staging, root, version = manifest.stage_copy(source)
     try:
         body["anomaly"] = calibrate_and_evaluate(staging, train, val, target_fpr, seed, default)
         changes = "anomaly scorers refitted, recalibrated and evaluated by `evaluate-anomaly`"
@@ -390,7 +380,7 @@ def publish_reused(source: Path, donor: Path) -> Path:
     for part in ("encoder", "decoder"):
         if body["files"]["sha256"][part] != given["files"]["sha256"][part]:
             raise ValueError(f"{donor} has another {part} than {source}; run the evaluation")
-    staging, root, version = stage_copy(source)
+    staging, root, version = manifest.stage_copy(source)
     try:
         block = given["anomaly"]
         for name in scorer_files(block).values():
@@ -423,7 +413,7 @@ def publish_recalibrated(source: Path, normal: ImageSet, target_fpr: float) -> t
             f"{source} lacks scorers {sorted(set(BASE_SCORERS) - set(block['scorers']))}; "
             "run `python -m training evaluate-anomaly` on it first"
         )
-    staging, root, version = stage_copy(source)
+    staging, root, version = manifest.stage_copy(source)
     try:
         runner = Autoencoder(staging)
         specs = calibrate_specs(block["scorers"], staging, evidence(runner, normal.images),

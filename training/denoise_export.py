@@ -47,10 +47,7 @@ def export_denoiser(
     spec = ImageSpec(config.height, config.width_px)
 
     model_root = Path(model_dir) / name
-    version = version or manifest.next_version(model_root)
-    if (model_root / str(version)).exists():
-        raise FileExistsError(f"{model_root / str(version)} exists; choose another --version")
-    staging = manifest.staging_folder(model_root, version)
+    version, staging = manifest.new_version(model_root, version)
     try:
         graph = to_onnx(_fixed_size(model, spec), "image", "cleaned", staging / "denoiser.onnx")
         check = noise.gaussian(val_set.images[:16], 25, np.random.default_rng(0))

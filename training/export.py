@@ -89,10 +89,7 @@ def export(
     train_set, val_set = load_split(config, run_dir)
 
     model_root = Path(model_dir) / name
-    version = version or manifest.next_version(model_root)
-    if (model_root / str(version)).exists():
-        raise FileExistsError(f"{model_root / str(version)} exists; choose another --version")
-    staging = manifest.staging_folder(model_root, version)
+    version, staging = manifest.new_version(model_root, version)
     try:
         base = export_graphs(encoder, decoder, staging, spec, name, version, config.arch)
         parity_max = check_parity(encoder, decoder, staging, to_float(val_set.images[:16]))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -275,10 +274,7 @@ def add_generator(source: Path, data_root: Path, version: int | None = None) -> 
         train_z, train.labels, val_z, val.labels, train.classes
     )
 
-    root = source.parent
-    version = version or manifest.next_version(root)
-    staging = manifest.staging_folder(root, version)
-    shutil.copytree(source, staging, dirs_exist_ok=True)
+    staging, root, version = manifest.stage_copy(source, version)
     density.save(staging / GENERATOR_FILE)
     probe = linear_probe(train, val, train_z, val_z, config.seed)
     evaluation = evaluate(ae, density, train, train_z, val, val_z, staging / "report")
