@@ -257,6 +257,19 @@ def scorer_specs(folder: Path) -> dict[str, dict]:
     return specs
 
 
+def calibrated_block(default: str, specs: dict, target_fpr: float, images: int, split: str) -> dict:
+    """The manifest's `anomaly` block for scorers calibrated on `images` normal images."""
+    return {
+        "scorer": default,
+        "threshold": specs[default]["threshold"],
+        "target_fpr": target_fpr,
+        "calibration_images": images,
+        "calibration_split": split,
+        "heatmap_scale": specs["local"]["threshold"],
+        "scorers": specs,
+    }
+
+
 def calibrate_specs(
     specs: dict[str, dict], folder: Path, normal: anomaly.Evidence, target_fpr: float
 ) -> dict[str, dict]:
@@ -427,12 +440,13 @@ def publish_recalibrated(source: Path, normal: ImageSet, target_fpr: float) -> t
         }
         new_block = {
             **{k: v for k, v in block.items() if k != "evaluation"},
-            "threshold": specs[default]["threshold"],
-            "target_fpr": target_fpr,
-            "calibration_images": len(normal),
-            "calibration_split": "the user's normal images given to `calibrate`",
-            "heatmap_scale": specs["local"]["threshold"],
-            "scorers": specs,
+            **calibrated_block(
+                default,
+                specs,
+                target_fpr,
+                len(normal),
+                "the user's normal images given to `calibrate`",
+            ),
             "recalibration": calibration,
         }
         if "evaluation" in block:
@@ -492,15 +506,8 @@ def calibrate_and_evaluate(
     calib_idx, eval_idx = stratified_split(val.labels, 0.5, seed)
     specs = calibrate_specs(scorer_specs(folder), folder,
                             evidence(runner, val.images[calib_idx]), target_fpr)  # fmt: skip
-    block = {
-        "scorer": default,
-        "threshold": specs[default]["threshold"],
-        "target_fpr": target_fpr,
-        "calibration_images": len(calib_idx),
-        "calibration_split": "half of the validation split (stratified); never training images",
-        "heatmap_scale": specs["local"]["threshold"],
-        "scorers": specs,
-    }
+    block = calibrated_block(default, specs, target_fpr, len(calib_idx),
+                             "half of the validation split (stratified); never training images")  # fmt: skip
     # Measure through the same class the service uses, so the figures are the served ones.
     scorers = anomaly.AnomalyScorers(block, folder)
     normal_images = val.images[eval_idx]
