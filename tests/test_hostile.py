@@ -921,7 +921,7 @@ def test_live_sigterm_drains_in_flight_requests_and_refuses_new_ones(photo):
         while time.monotonic() < deadline:
             try:
                 httpx.get(f"{base}/healthz", timeout=1)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ReadError):  # refused, or reset as it closes
                 refused_while_in_flight = worker.is_alive()
                 break
             time.sleep(0.02)
