@@ -1,24 +1,28 @@
 """Dynamic batching across requests, one batcher per graph.
 
-Requests put their rows on a bounded queue. A single worker takes up to `max_batch` rows, or
-whatever arrived within `max_delay` of the oldest waiting row, runs them as one onnxruntime
-call in a dedicated thread (off the event loop) and hands every request its own rows back.
-A request larger than `max_batch` is split into chunks and rejoined in order.
+Requests put their rows on a bounded queue, from the event loop (`submit`) or straight from the
+decoding thread that finished a request's images (`put`: no trip through the event loop between
+decoding and inference). One inference thread per graph takes up to `max_batch` rows, or
+whatever arrived within `max_delay` of the oldest waiting row, assembles them into one buffer,
+runs one onnxruntime call and hands every request its own rows back, all batches' results in one
+call into the event loop. A request larger than `max_batch` is split into chunks and rejoined in
+order.
 
-The worker is supervised: if it dies (a bug outside the engine call), every waiting request
-is failed at once with 503 `worker_failed` instead of waiting out its deadline, the failure is
-logged, and the worker restarts; one that keeps dying marks the batcher unhealthy, which turns
-/readyz to 503 so that an orchestrator replaces the process.
+The inference thread is supervised: if it dies (a bug outside the engine call), every waiting
+request is failed at once with 503 `worker_failed` instead of waiting out its deadline, the
+failure is logged, and the thread goes on; one that keeps dying marks the batcher unhealthy,
+which turns /readyz to 503 so that an orchestrator replaces the process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,10 +40,40 @@ class EngineError(RuntimeError):
     """The engine broke its contract (e.g. returned a different number of rows)."""
 
 
-@dataclass
+@dataclass(eq=False)
+class Pending:
+    """One request's place in a batcher: its future (on the event loop), the results of its
+    chunks as they come back, and the deadline that fails it with 429 `queue_timeout`."""
+
+    future: asyncio.Future
+    parts: list[np.ndarray | None] = field(default_factory=list)
+    remaining: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+    def settle(self, result: np.ndarray | None = None, error: BaseException | None = None):
+        """On the event loop: resolve the request once (a late result after its timeout or
+        cancellation is dropped)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
+
+    def settle_threadsafe(
+        self, result: np.ndarray | None = None, error: BaseException | None = None
+    ) -> None:
+        """`settle`, from any thread."""
+        _call(self.future.get_loop(), self.settle, result, error)
+
+
+@dataclass(eq=False)
 class _Item:
     rows: np.ndarray
-    future: asyncio.Future
+    pending: Pending
+    index: int  # which chunk of its request
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -59,42 +93,51 @@ class Batcher:
         labels: dict[str, str] | None = None,
     ) -> None:
         self.part = part
-        # Every metric of this batcher: its model and version (a repository serves several).
-        self._labels = {"model": "", "version": "", **(labels or {}), "part": part}
         self.run = run
-        self._metrics = metrics
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
+        # Every metric of this batcher: its model and version (a repository serves several);
+        # the labelled children are looked up once, not per request.
+        labels = {"model": "", "version": "", **(labels or {}), "part": part}
+        self._depth = metrics.queue_depth.labels(**labels)
+        self._waits = metrics.queue_wait.labels(**labels)
+        self._sizes = metrics.batch_size.labels(**labels)
+        self._inference = metrics.inference_duration.labels(**labels)
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
-        self._wakeup = asyncio.Event()
-        # One inference thread per graph: onnxruntime parallelises inside a call already.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{part}")
-        self._worker: asyncio.Task | None = None
+        self._ready = threading.Condition()  # guards the queue and `_closing`
         self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._deaths: deque[float] = deque()
         self.healthy = True
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._supervise(), name=self.part)
+        self._loop = asyncio.get_running_loop()
+        # One inference thread per graph: onnxruntime parallelises inside a call already.
+        self._thread = threading.Thread(target=self._supervise, name=f"ort-{self.part}",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop the worker."""
-        self._closing = True
-        self._wakeup.set()
-        if self._worker is not None:
-            await self._worker
-        self._executor.shutdown(wait=True)
+        """Finish what is queued, then stop the inference thread."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
 
     @property
     def depth(self) -> int:
         return self._queued_rows
 
-    async def submit(self, rows: np.ndarray) -> np.ndarray:
-        """Run `rows` through the graph, batched with other requests; results in order."""
+    # -- putting rows in ---------------------------------------------------------------------
+    def check(self, rows: int) -> None:
+        """Raise what `submit` would raise for `rows` more rows: shutting down, unhealthy, full.
+        Callers that decode first check here, before the work."""
         if self._closing:
             raise Unavailable("the server is shutting down", "shutting_down", self.retry_after_s)
         if not self.healthy:
@@ -103,43 +146,56 @@ class Batcher:
                 "worker_failed",
                 self.retry_after_s,
             )
-        if self._queued_rows + len(rows) > self.max_queue:
+        if self._queued_rows + rows > self.max_queue:
             raise Busy(
                 f"the {self.part} queue is full ({self._queued_rows} images waiting); retry later",
                 "queue_full",
                 self.retry_after_s,
             )
+
+    def pending(self) -> Pending:
+        """On the event loop: a request's place, failed with 429 `queue_timeout` if its rows
+        are not back within the batcher's timeout."""
         loop = asyncio.get_running_loop()
-        items = [
-            _Item(rows[i : i + self.max_batch], loop.create_future())
-            for i in range(0, len(rows), self.max_batch)
-        ]
-        self._queue.extend(items)
-        self._queued_rows += len(rows)
-        self._metrics.queue_depth.labels(**self._labels).set(self._queued_rows)
-        self._wakeup.set()
+        pending = Pending(loop.create_future())
+        busy = Busy(
+            f"waited more than {self.timeout_s:g} s for the {self.part}; retry later",
+            "queue_timeout",
+            self.retry_after_s,
+        )
+        pending.timer = loop.call_later(self.timeout_s, pending.settle, None, busy)
+        return pending
+
+    async def submit(self, rows: np.ndarray) -> np.ndarray:
+        """Run `rows` through the graph, batched with other requests; results in order."""
+        self.check(len(rows))
+        pending = self.pending()
+        self.put(rows, pending)
         try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(item.future for item in items)), self.timeout_s
-            )
-        except asyncio.TimeoutError:
-            raise Busy(
-                f"waited more than {self.timeout_s:g} s for the {self.part}; retry later",
-                "queue_timeout",
-                self.retry_after_s,
-            ) from None
-        return results[0] if len(results) == 1 else np.concatenate(results)
+            return await pending.future
+        finally:
+            pending.timer.cancel()  # answered, or cancelled (the client went away)
 
-    def _assemble_and_run(self, parts: list[np.ndarray]) -> np.ndarray:
-        """In the inference thread: one buffer for the batch (the copy stays off the event
-        loop), then the engine call."""
-        return self.run(parts[0] if len(parts) == 1 else np.concatenate(parts))
+    def put(self, rows: np.ndarray, pending: Pending) -> None:
+        """Queue `rows` for `pending`; safe from any thread (a decoding thread hands its batch
+        over here). Refusals (full, shutting down) reach the request through its future."""
+        try:
+            with self._ready:
+                self.check(len(rows))
+                chunks = [rows[i : i + self.max_batch] for i in range(0, len(rows), self.max_batch)]
+                pending.parts, pending.remaining = [None] * len(chunks), len(chunks)
+                self._queue.extend(_Item(chunk, pending, i) for i, chunk in enumerate(chunks))
+                self._queued_rows += len(rows)
+                self._depth.set(self._queued_rows)
+                self._ready.notify()
+        except (Busy, Unavailable) as exc:
+            pending.settle_threadsafe(error=exc)
 
-    # -- the worker ------------------------------------------------------------------------
-    async def _supervise(self) -> None:
+    # -- the inference thread --------------------------------------------------------------
+    def _supervise(self) -> None:
         while True:
             try:
-                await self._loop()
+                self._serve()
                 return  # closing, queue drained
             except Exception:
                 log.exception(
@@ -156,80 +212,92 @@ class Batcher:
                     self.healthy = False
                     return
 
-    def _fail_waiting(self) -> None:
-        error = Unavailable(
-            f"the {self.part} worker failed; retry", "worker_failed", self.retry_after_s
-        )
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(error)
-        self._queued_rows = 0
-        self._metrics.queue_depth.labels(**self._labels).set(0)
-
-    async def _loop(self) -> None:
+    def _serve(self) -> None:
         while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._fill_or_wait()
-            batch = self._take()
+            with self._ready:
+                while not self._queue:
+                    if self._closing:
+                        return
+                    self._ready.wait()
+                self._fill_or_wait()
+                batch = self._take()
             if batch:
-                await self._execute(batch)
+                self._execute(batch)
 
-    async def _fill_or_wait(self) -> None:
-        """Wait until a full batch is queued or the oldest item has waited `max_delay`."""
+    def _fill_or_wait(self) -> None:
+        """Holding the lock: wait until a full batch is queued or the oldest item has waited
+        `max_delay`."""
         deadline = self._queue[0].enqueued + self.max_delay_s
         while self._queued_rows < self.max_batch and not self._closing:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                return
+            self._ready.wait(remaining)
 
     def _take(self) -> list[_Item]:
         taken, rows = [], 0
         while self._queue and rows + len(self._queue[0].rows) <= self.max_batch:
             item = self._queue.popleft()
             self._queued_rows -= len(item.rows)
-            if item.future.done():  # its request timed out or was cancelled
+            if item.pending.future.done():  # its request timed out or was cancelled
                 continue
             taken.append(item)
             rows += len(item.rows)
-        self._metrics.queue_depth.labels(**self._labels).set(self._queued_rows)
+        self._depth.set(self._queued_rows)
         return taken
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    def _fail_waiting(self) -> None:
+        error = Unavailable(
+            f"the {self.part} worker failed; retry", "worker_failed", self.retry_after_s
+        )
+        with self._ready:
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._queued_rows = 0
+            self._depth.set(0)
+        _call(self._loop, _settle_all, [item.pending for item in waiting], error)
+
+    def _execute(self, batch: list[_Item]) -> None:
+        now = time.perf_counter()
+        for item in batch:
+            self._waits.observe(now - item.enqueued)
+        parts = [item.rows for item in batch]
+        rows = sum(len(p) for p in parts)
+        self._sizes.observe(rows)
         try:
-            now = time.perf_counter()
-            for item in batch:
-                self._metrics.queue_wait.labels(**self._labels).observe(now - item.enqueued)
-            parts = [item.rows for item in batch]
-            rows = sum(len(p) for p in parts)
-            self._metrics.batch_size.labels(**self._labels).observe(rows)
-            started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(self._executor, self._assemble_and_run, parts)
+            # One buffer for the batch, assembled here, off the event loop.
+            out = self.run(parts[0] if len(parts) == 1 else np.concatenate(parts))
             if len(out) != rows:
                 raise EngineError(f"the {self.part} returned {len(out)} rows for {rows}")
-            self._metrics.inference_duration.labels(**self._labels).observe(
-                time.perf_counter() - started
-            )
         except Exception as exc:  # an engine failure fails this batch, not the worker
             log.exception("%s inference failed on a batch of %d items", self.part, len(batch))
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            _call(self._loop, _settle_all, [item.pending for item in batch], exc)
             return
-        start = 0
-        for item in batch:
-            end = start + len(item.rows)
-            if not item.future.done():
-                item.future.set_result(out[start:end])
-            start = end
+        self._inference.observe(time.perf_counter() - now)
+        _call(self._loop, _deliver, batch, out)
+
+
+def _call(loop: asyncio.AbstractEventLoop, callback: Callable, *args) -> None:
+    """Run `callback(*args)` on `loop`, from whichever thread we are on."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        loop.call_soon_threadsafe(callback, *args)
+
+
+def _deliver(batch: list[_Item], out: np.ndarray) -> None:
+    """On the event loop: every item's rows of `out` to its request, rejoined in order."""
+    start = 0
+    for item in batch:
+        end = start + len(item.rows)
+        pending = item.pending
+        if not pending.future.done():
+            pending.parts[item.index] = out[start:end]
+            pending.remaining -= 1
+            if pending.remaining == 0:
+                parts = pending.parts
+                pending.settle(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        start = end
+
+
+def _settle_all(pendings: list[Pending], error: BaseException) -> None:
+    for pending in dict.fromkeys(pendings):  # a request with several chunks, once
+        pending.settle(error=error)

@@ -7,11 +7,12 @@ enforced while the body streams in (see `service.limits`).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import io
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from tokenize import TokenError
 from typing import Any
@@ -266,32 +267,40 @@ def validate_tensors(array: np.ndarray, spec: ImageSpec) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-async def preprocess(model, parsed: Parsed, max_pixels: int, pool) -> np.ndarray:
-    """The float32 [N, H, W, 3] batch of a request: its tensors checked, or its files decoded."""
-    if parsed.tensors is not None:
-        return validate_tensors(parsed.tensors, model.spec)
-    return await decode_images(model, parsed.images, max_pixels, pool)
-
-
-async def decode_images(model, blobs: list[bytes], max_pixels: int, pool) -> np.ndarray:
-    """Decode and preprocess every image in the thread pool straight into its slot of one
-    batch buffer (no stacking afterwards); fail naming the first bad index."""
-    loop = asyncio.get_running_loop()
+def decode_into(
+    model,
+    blobs: list[bytes],
+    max_pixels: int,
+    pool,
+    done: Callable[[np.ndarray, BaseException | None], None],
+) -> None:
+    """Decode and preprocess every image in the thread pool straight into its slot of one batch
+    buffer (no stacking afterwards). The thread that finishes the last image calls
+    `done(batch, None)`, or `done(batch, error)` with the error of the lowest bad index,
+    whatever finished first."""
     batch = np.empty((len(blobs), *model.spec.shape), np.float32)
+    failures: dict[int, BaseException] = {}
+    remaining = len(blobs)
+    lock = threading.Lock()
 
-    def one(index: int, data: bytes) -> np.ndarray:
+    def one(index: int, data: bytes) -> None:
+        nonlocal remaining
+        failure: BaseException | None = None
         try:
-            return model.preprocess(data, max_pixels, out=batch[index])
+            model.preprocess(data, max_pixels, out=batch[index])
         except ImageTooLargeError as exc:
-            raise errors.ImageTooLarge(f"images[{index}]: {exc}") from None
+            failure = errors.ImageTooLarge(f"images[{index}]: {exc}")
         except ImageDecodeError as exc:
-            raise errors.InvalidImage(f"images[{index}]: {exc}") from None
+            failure = errors.InvalidImage(f"images[{index}]: {exc}")
+        except Exception as exc:  # a bug: still the request's answer, never a lost request
+            failure = exc
+        with lock:
+            if failure is not None:
+                failures[index] = failure
+            remaining -= 1
+            last = remaining == 0
+        if last:
+            done(batch, failures[min(failures)] if failures else None)
 
-    results = await asyncio.gather(
-        *(loop.run_in_executor(pool, one, i, b) for i, b in enumerate(blobs)),
-        return_exceptions=True,
-    )
-    for result in results:  # the lowest bad index wins, whatever finished first
-        if isinstance(result, BaseException):
-            raise result
-    return batch
+    for index, data in enumerate(blobs):
+        pool.submit(one, index, data)

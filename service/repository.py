@@ -25,7 +25,7 @@ import numpy as np
 
 from aecore import manifest
 from service.errors import ApiError
-from service.inputs import Parsed, preprocess
+from service.inputs import Parsed
 from service.model import AutoencoderModel
 from service.policy import wanted_versions
 
@@ -70,18 +70,16 @@ class Served:
             self.leases -= 1
 
     # -- the steps handlers compose (shared limits and metrics live on the runtime) --
-    async def images(self, parsed: Parsed) -> np.ndarray:
-        """A request's images as the encoder takes them (decoded in the pool, or checked)."""
-        return await preprocess(self.model, parsed, self.settings.max_image_pixels, self.pool)
+    async def encoded(self, parsed: Parsed, endpoint: str) -> tuple[np.ndarray, np.ndarray]:
+        """A request's images as the encoder takes them, and their latents (decoding and
+        batching in `Runtime.through`); `endpoint` labels the preprocess phase."""
+        return await self.runtime.through(self.encoder, self.model, parsed, endpoint)
 
     async def encode(self, images: np.ndarray) -> np.ndarray:
         return await self.encoder.submit(images)
 
     async def decode(self, latents: np.ndarray) -> np.ndarray:
         return await self.decoder.submit(latents)
-
-    async def reconstruct(self, images: np.ndarray) -> np.ndarray:
-        return await self.decode(await self.encode(images))
 
     async def pngs(self, images: np.ndarray) -> list[str]:
         """Base64 PNGs of [0, 1] images, encoded in the thread pool."""

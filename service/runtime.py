@@ -19,6 +19,7 @@ from aecore.denoiser import Denoiser
 from aecore.graphs import default_threads
 from service.batcher import Batcher
 from service.errors import Busy
+from service.inputs import Parsed, decode_into, validate_tensors
 from service.metrics import Metrics
 from service.model import AutoencoderModel, choose_providers
 from service.repository import Repository, Served
@@ -111,9 +112,6 @@ class Runtime:
             return None
         return {**self.denoiser.manifest, "providers": self.denoiser.providers}
 
-    async def denoise(self, images: np.ndarray) -> np.ndarray:
-        return await self.denoise_batcher.submit(images)
-
     def batcher(self, part: str, run: Callable, model: Any) -> Batcher:
         """A batcher for one graph of `model`, with the service's batching settings."""
         s = self.settings
@@ -175,6 +173,37 @@ class Runtime:
             yield
         finally:
             self.metrics.phases[name].labels(endpoint).observe(time.perf_counter() - started)
+
+    async def through(
+        self, batcher: Batcher, model: Any, parsed: Parsed, endpoint: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A request's images, preprocessed for `model`, and what `batcher`'s graph makes of
+        them. Image files are decoded in the pool straight into one batch, which the thread
+        that decodes the last of them hands to the batcher itself: between the body and the
+        answer the event loop does nothing for the request."""
+        if parsed.tensors is not None:
+            with self.phase("preprocess", endpoint):
+                images = validate_tensors(parsed.tensors, model.spec)
+            return images, await batcher.submit(images)
+        batcher.check(parsed.image_count)  # refuse before decoding anything
+        pending = batcher.pending()
+        started, preprocess = time.perf_counter(), self.metrics.phases["preprocess"]
+        decoded: list[np.ndarray] = []
+
+        def hand_over(images: np.ndarray, error: BaseException | None) -> None:  # in the pool
+            preprocess.labels(endpoint).observe(time.perf_counter() - started)
+            decoded.append(images)
+            if error is None:
+                batcher.put(images, pending)
+            else:
+                pending.settle_threadsafe(error=error)
+
+        decode_into(model, parsed.images, self.settings.max_image_pixels, self.pool, hand_over)
+        try:
+            outputs = await pending.future
+            return decoded[0], outputs
+        finally:
+            pending.timer.cancel()
 
     async def close(self) -> None:
         """Stop taking work, finish what is queued, release threads."""

@@ -43,9 +43,7 @@ async def anomaly_score(
         raise errors.InvalidParameter(f"unknown scorer {name!r}; this model has {scorers.names}")
     parsed = await request_images(request, served)
     with served.admit(parsed.image_count):
-        with served.phase("preprocess", "anomaly-score"):
-            images = await served.images(parsed)
-        latents = await served.encode(images)
+        images, latents = await served.encoded(parsed, "anomaly-score")
         outputs = await served.decode(latents)
         loop = asyncio.get_running_loop()
         evidence = Evidence(images, outputs, latents)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from service import errors
 from service.dependencies import RuntimeDep, ServedDep, require_api_key
 from service.handlers.common import request_images
-from service.inputs import preprocess, wants_npy
+from service.inputs import wants_npy
 from service.responses import FastJSON, npy_response
 from service.schemas import (
     IMAGE_INPUTS,
@@ -46,11 +46,7 @@ async def denoise(request: Request, runtime: RuntimeDep, served: ServedDep):
         )
     parsed = await request_images(request, served)
     with served.admit(parsed.image_count):
-        with served.phase("preprocess", "denoise"):
-            images = await preprocess(
-                denoiser, parsed, runtime.settings.max_image_pixels, runtime.pool
-            )
-        cleaned = await runtime.denoise(images)
+        _, cleaned = await runtime.through(runtime.denoise_batcher, denoiser, parsed, "denoise")
         served.count("denoise", len(cleaned))
         with served.phase("postprocess", "denoise"):
             if wants_npy(request):

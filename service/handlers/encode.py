@@ -25,9 +25,7 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 async def encode(request: Request, served: ServedDep):
     parsed = await request_images(request, served)
     with served.admit(parsed.image_count):
-        with served.phase("preprocess", "encode"):
-            images = await served.images(parsed)
-        latents = await served.encode(images)
+        _, latents = await served.encoded(parsed, "encode")
         served.count("encode", len(latents))
         with served.phase("postprocess", "encode"):
             if wants_npy(request):

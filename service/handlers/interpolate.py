@@ -64,9 +64,7 @@ async def interpolate(request: Request, served: ServedDep):
     # Every parameter is checked: only now are images decoded and encoded.
     with served.admit(inputs + outputs):
         if parsed.images is not None:
-            with served.phase("preprocess", "interpolate"):
-                images = await served.images(parsed)
-            latents = await served.encode(images)
+            _, latents = await served.encoded(parsed, "interpolate")
         else:
             latents = validate_latents(parsed.latents, served.model.latent_dim)
         if steps is not None:

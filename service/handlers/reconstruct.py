@@ -25,9 +25,8 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 async def reconstruct(request: Request, served: ServedDep):
     parsed = await request_images(request, served)
     with served.admit(parsed.image_count):
-        with served.phase("preprocess", "reconstruct"):
-            images = await served.images(parsed)
-        outputs = await served.reconstruct(images)
+        images, latents = await served.encoded(parsed, "reconstruct")
+        outputs = await served.decode(latents)
         served.count("reconstruct", len(outputs))
         with served.phase("postprocess", "reconstruct"):
             return FastJSON(

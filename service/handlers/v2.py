@@ -225,8 +225,10 @@ async def _infer(target: Graph, served: Served, request: Request) -> Response:
     wanted = _outputs(target, header)
     with served.lease(), served.admit(count):  # the version finishes this request if retired
         if target.input == "image":
-            images = await served.images(rows) if isinstance(rows, Parsed) else rows
-            result = await served.encode(images)
+            if isinstance(rows, Parsed):
+                _, result = await served.encoded(rows, f"v2:{target.name}")
+            else:
+                result = await served.encode(rows)
         else:
             result = await served.decode(rows)
     served.count(f"v2:{target.name}", count)
