@@ -111,13 +111,19 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], ti
 
 
 def arguments(
-    description: str, default_seconds: float, flags: tuple[str, ...] = ()
+    description: str,
+    default_seconds: float,
+    flags: tuple[str, ...] = (),
+    choices: dict[str, tuple[str, ...]] | None = None,
 ) -> argparse.Namespace:
     """The options every section takes: where to write its JSON, and how long to time things
-    (plus a section's own on/off `flags`)."""
+    (plus a section's own on/off `flags`, and its options of a few `choices` each, the first
+    being the default)."""
     parser = argparse.ArgumentParser(description=description)
     for flag in flags:
         parser.add_argument(flag, action="store_true")
+    for option, values in (choices or {}).items():
+        parser.add_argument(option, choices=values, default=values[0], help=f"default {values[0]}")
     parser.add_argument("--json", type=Path, help="write this section's results here")
     parser.add_argument(
         "--seconds",

@@ -82,8 +82,10 @@ def render(result: dict) -> str:
             }
             for r in service["runs"]
         ]
+        clients = sorted({r["client"] for r in service["runs"] if r.get("client")})
+        by = f" (load generator: {', '.join(clients)})" if clients else ""
         out += [
-            "### Service under load",
+            f"### Service under load{by}",
             md_table(
                 rows,
                 [

@@ -134,7 +134,8 @@ def main() -> None:
     print(
         f"{args.endpoint} c={args.concurrency} {env or ''}: {ips} img/s, "
         f"p99 {result['p99_ms']} ms, encoder batch {result.get('encoder', {}).get('mean_batch')}, "
-        f"server {result['server_cores']} cores, load generator {result['loadgen_cores']} cores"
+        f"server {result['server_cores']} cores, load generator ({result['client']}) "
+        f"{result['loadgen_cores']} cores"
     )
     print("\nserver CPU by thread (cores; CPU ms per image):")
     for name, c in sorted(cores.items(), key=lambda kv: -kv[1]):
