@@ -32,6 +32,7 @@ SECTIONS = {"raw": (raw, 4.0), "load": (load, 8.0), "keras_onnx": (keras_onnx, 3
 
 TARGETS = {
     "encode_c32_vs_raw_encoder": (">=", 0.75),
+    "encode_c32_workers_vs_raw_encoder": (">=", 0.75),
     "encode_npy32_best_vs_raw_encoder": (">=", 0.9),
     "encode_c1_p50_vs_naive_c1_p50": ("<=", 1.0),
     "encode_c32_frontend_cpu_ms_per_request": ("<=", 0.6),
@@ -103,6 +104,14 @@ def ratios(raw_result: dict, load_result: dict) -> dict:
         ceil["encoder_best_img_per_s"],
         f"service encode img/s at concurrency 32 / raw encoder img/s at batch "
         f"{ceil['encoder_best_batch']}",
+    )
+    workers32 = find(runs, "workers", "encode", 32)
+    add(
+        "encode_c32_workers_vs_raw_encoder",
+        workers32 and workers32["img_per_s"],
+        ceil["encoder_best_img_per_s"],
+        "the same with one worker process per core, one onnxruntime thread each "
+        "(AE_WORKERS=cores, AE_INTRA_OP_THREADS=1)",
     )
     npy = [r for r in runs if r.get("body") == "npy32" and r["batching"] == "on"]
     best_npy = max(npy, key=lambda r: r["img_per_s"]) if npy else None

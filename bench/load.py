@@ -37,6 +37,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from aecore.graphs import default_threads
 from aecore.preprocessing import load_rgb8
 from aecore.runner import Autoencoder
 from bench.common import (
@@ -54,7 +55,15 @@ from tests.live import LiveServer, live_server, metric
 
 CONCURRENCY = (1, 8, 32, 64)
 ENDPOINTS = ("encode", "reconstruct")
-MODES = {"on": {}, "off": {"AE_MAX_BATCH_SIZE": "1"}}  # batching on = the service's defaults
+CORES = default_threads()
+# batching on = the service's defaults; "workers": one worker process per core, each with one
+# onnxruntime thread (AE_WORKERS, as the Kubernetes manifest runs), for throughput on a CPU.
+MODES = {
+    "on": {},
+    "off": {"AE_MAX_BATCH_SIZE": "1"},
+    "workers": {"AE_WORKERS": str(CORES), "AE_INTRA_OP_THREADS": "1"},
+}
+SERVERS = {"on": "batching on", "off": "batching off", "workers": f"{CORES} workers x 1"}
 WARMUP_S = 1.5
 
 
@@ -422,6 +431,7 @@ PLAN = (
     ("on", "reconstruct", "multipart"),
     ("off", "encode", "multipart"),
     ("off", "reconstruct", "multipart"),
+    *((("workers", "encode", "multipart"), ("workers", "encode", "jpeg")) if CORES > 1 else ()),
 )
 NAIVE = [sys.executable, "-m", "bench.naive"]
 
@@ -470,7 +480,8 @@ def run(
                     result = run_loop(
                         measure(srv, endpoint, c, seconds, body_kind=body, client=client)
                     )
-                    record({"server": f"batching {mode}", "batching": mode, **result})
+                    server_name = SERVERS.get(mode, f"batching {mode}")
+                    record({"server": server_name, "batching": mode, **result})
     if naive:
         with server({}, argv=NAIVE) as srv:
             for c in naive:

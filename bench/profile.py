@@ -46,10 +46,9 @@ async def record(pid: int, seconds: float, out: Path, native: bool, rate: int) -
         raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
 
 
-async def cpu_by_thread(srv: LiveServer, seconds: float, into: dict) -> None:
-    """CPU of each server thread over `seconds`, grouped by Python thread name; threads that
-    run no Python (onnxruntime's intra-op pool) are `native`."""
-    names = await thread_names(srv.proc.pid)
+async def cpu_by_thread(srv: LiveServer, seconds: float, into: dict, names: dict) -> None:
+    """CPU of each server thread over `seconds`, grouped by Python thread name (`names`, from
+    `thread_names`); threads that run no Python (onnxruntime's intra-op pool) are `native`."""
     before, t0 = srv.thread_cpu_seconds(), time.perf_counter()
     await asyncio.sleep(seconds)
     after, elapsed = srv.thread_cpu_seconds(), time.perf_counter() - t0
@@ -122,9 +121,10 @@ def main() -> None:
     with server(env) as srv:
 
         async def during() -> None:
+            names = await thread_names(srv.proc.pid)  # first: py-spy cannot attach twice
             await asyncio.gather(
                 record(srv.proc.pid, args.seconds, args.out, args.native, args.rate),
-                cpu_by_thread(srv, args.seconds, cores),
+                cpu_by_thread(srv, args.seconds, cores, names),
             )
 
         result = run_loop(
