@@ -361,6 +361,27 @@ async def test_api_key_guards_inference_and_model_but_not_probes(scene_bytes):
         assert (await client.get("/metrics", headers={"X-API-Key": "s3cret"})).status_code == 200
 
 
+async def test_the_key_is_checked_before_the_model_version_asked_for(scene_bytes):
+    """401 first, then `?version=` (422 invalid_parameter), then whether it is served (404)."""
+    key = {"X-API-Key": "s3cret"}
+    async with running(api_key="s3cret") as client:
+
+        async def encode(params: dict, headers: dict | None = None):
+            files = multipart(scene_bytes[:1])
+            return await client.post("/encode", files=files, params=params, headers=headers)
+
+        anonymous = await encode({"version": "0"})
+        zero, word = await encode({"version": "0"}, key), await encode({"version": "two"}, key)
+        absent, chosen = await encode({"version": "9"}, key), await encode({"version": "3"}, key)
+        card = await client.get("/model", params={"version": "-1"}, headers=key)
+    assert anonymous.status_code == 401
+    for reply in (zero, word, card):
+        assert reply.status_code == 422 and reply.json()["error"]["code"] == "invalid_parameter"
+        assert reply.json()["error"]["message"].startswith("query.version: ")
+    assert absent.status_code == 404 and absent.json()["error"]["code"] == "model_not_found"
+    assert chosen.status_code == 200 and chosen.json()["model"]["version"] == 3
+
+
 async def test_model_reports_providers_in_use_and_batching():
     import onnxruntime as ort
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from service import errors
-from service.dependencies import RuntimeDep, ServedDep, require_api_key
+from service.dependencies import SERVED_OPENAPI, serving
 from service.handlers.common import request_images
 from service.inputs import wants_npy
 from service.responses import FastJSON, npy_response
@@ -18,7 +18,7 @@ from service.schemas import (
     responses,
 )
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["inference"])
 
 
 @router.post(
@@ -33,27 +33,29 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
         **responses(DenoiseResponse, npy=True),
         404: {"model": ErrorBody, "description": "no denoising model is loaded"},
     },
-    openapi_extra=request_body(ImagesJson, raw_images=True),
+    openapi_extra=request_body(ImagesJson, raw_images=True) | SERVED_OPENAPI,
 )
-async def denoise(request: Request, runtime: RuntimeDep, served: ServedDep):
-    # `served` (the default autoencoder) lends the shared request steps: body parsing,
-    # admission, phase timing and PNG encoding; the images run through the denoiser.
-    denoiser = runtime.denoiser
-    if denoiser is None:  # before reading the body: nothing it holds can change the answer
-        raise errors.NotFound(
-            "no denoising model is loaded: set AE_DENOISE_MODEL to a model under AE_MODEL_DIR "
-            "whose manifest declares the `denoise` task"
-        )
-    parsed = await request_images(request, served)
-    with served.admit(parsed.image_count):
-        _, cleaned = await runtime.through(runtime.denoise_batcher, denoiser, parsed, "denoise")
-        served.count("denoise", len(cleaned))
-        with served.phase("postprocess", "denoise"):
-            if wants_npy(request):
-                return npy_response(cleaned)
-            return FastJSON(
-                {
-                    "model": {"name": denoiser.name, "version": denoiser.version},
-                    "images": await served.pngs(cleaned),
-                }
+async def denoise(request: Request):
+    with serving(request) as served:
+        runtime = served.runtime
+        # `served` (the default autoencoder) lends the shared request steps: body parsing,
+        # admission, phase timing and PNG encoding; the images run through the denoiser.
+        denoiser = runtime.denoiser
+        if denoiser is None:  # before reading the body: nothing it holds can change the answer
+            raise errors.NotFound(
+                "no denoising model is loaded: set AE_DENOISE_MODEL to a model under AE_MODEL_DIR "
+                "whose manifest declares the `denoise` task"
             )
+        parsed = await request_images(request, served)
+        with served.admit(parsed.image_count):
+            _, cleaned = await runtime.through(runtime.denoise_batcher, denoiser, parsed, "denoise")
+            served.count("denoise", len(cleaned))
+            with served.phase("postprocess", "denoise"):
+                if wants_npy(request):
+                    return npy_response(cleaned)
+                return FastJSON(
+                    {
+                        "model": {"name": denoiser.name, "version": denoiser.version},
+                        "images": await served.pngs(cleaned),
+                    }
+                )

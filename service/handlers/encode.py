@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
-from service.dependencies import ServedDep, require_api_key
+from service.dependencies import SERVED_OPENAPI, serving
 from service.handlers.common import request_images
 from service.inputs import wants_npy
 from service.responses import FastJSON, npy_response
 from service.schemas import IMAGE_INPUTS, EncodeResponse, ImagesJson, request_body, responses
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["inference"])
 
 
 @router.post(
@@ -20,14 +20,15 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     "`Accept: application/x-npy` returns a float32 [N, latent_dim] .npy array.",
     response_model=None,
     responses=responses(EncodeResponse, npy=True),
-    openapi_extra=request_body(ImagesJson, raw_images=True),
+    openapi_extra=request_body(ImagesJson, raw_images=True) | SERVED_OPENAPI,
 )
-async def encode(request: Request, served: ServedDep):
-    parsed = await request_images(request, served)
-    with served.admit(parsed.image_count):
-        _, latents = await served.encoded(parsed, "encode")
-        served.count("encode", len(latents))
-        with served.phase("postprocess", "encode"):
-            if wants_npy(request):
-                return npy_response(latents)
-            return FastJSON({"model": served.ref(), "latents": latents})
+async def encode(request: Request):
+    with serving(request) as served:
+        parsed = await request_images(request, served)
+        with served.admit(parsed.image_count):
+            _, latents = await served.encoded(parsed, "encode")
+            served.count("encode", len(latents))
+            with served.phase("postprocess", "encode"):
+                if wants_npy(request):
+                    return npy_response(latents)
+                return FastJSON({"model": served.ref(), "latents": latents})

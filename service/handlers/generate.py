@@ -6,16 +6,16 @@ import math
 import secrets
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from aecore.generation import TEMPERATURE_RANGE
 from service import errors
-from service.dependencies import ServedDep, require_api_key
+from service.dependencies import SERVED_OPENAPI, serving
 from service.inputs import media_type, read_json, wants_npy
 from service.responses import FastJSON, npy_response
 from service.schemas import ErrorBody, GenerateJson, GenerateResponse, request_body, responses
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["inference"])
 
 MAX_SEED = 2**64 - 1
 _FIELDS = {"n", "seed", "temperature", "class"}
@@ -36,50 +36,51 @@ _FIELDS = {"n", "seed", "temperature", "class"}
         **responses(GenerateResponse, npy=True),
         409: {"model": ErrorBody, "description": "the model has no generation density"},
     },
-    openapi_extra=request_body(GenerateJson, multipart=False),
+    openapi_extra=request_body(GenerateJson, multipart=False) | SERVED_OPENAPI,
 )
-async def generate(request: Request, served: ServedDep):
-    if media_type(request) != "application/json":
-        raise errors.UnsupportedMediaType(
-            f"Content-Type {media_type(request) or '(none)'!r} is not supported; send "
-            'application/json, e.g. {"n": 8, "seed": 1, "temperature": 0.8, "class": "forest"}'
-        )
-    payload = await read_json(request)
-    density = served.model.generator
-    if density is None:
-        raise errors.NotSupported(
-            f"model {served.model.name} v{served.model.version} has no generation density; "
-            "serve a version whose model.json has a `generation` block"
-        )
-    unknown = sorted(set(payload) - _FIELDS)
-    if unknown:
-        raise errors.InvalidParameter(f"unknown field(s) {unknown}; allowed: {sorted(_FIELDS)}")
-    n = _n(payload.get("n", 1), served.settings.max_images_per_request)
-    seed = _seed(payload.get("seed"))
-    temperature = _temperature(payload.get("temperature", 1.0))
-    class_name = payload.get("class")
-    if class_name is not None and class_name not in density.classes:
-        raise errors.InvalidParameter(
-            f"unknown class {class_name!r}; this model's classes are {density.classes}"
-        )
-
-    latents, labels = density.sample(n, seed, temperature, class_name)
-    with served.admit(n):
-        images = await served.decode(latents)
-        served.count("generate", len(images))
-        with served.phase("postprocess", "generate"):
-            if wants_npy(request):
-                return npy_response(images)
-            return FastJSON(
-                {
-                    "model": served.ref(),
-                    "seed": seed,
-                    "temperature": temperature,
-                    "classes": [density.classes[k] for k in labels],
-                    "images": await served.pngs(images),
-                    "latents": latents,
-                }
+async def generate(request: Request):
+    with serving(request) as served:
+        if media_type(request) != "application/json":
+            raise errors.UnsupportedMediaType(
+                f"Content-Type {media_type(request) or '(none)'!r} is not supported; send "
+                'application/json, e.g. {"n": 8, "seed": 1, "temperature": 0.8, "class": "forest"}'
             )
+        payload = await read_json(request)
+        density = served.model.generator
+        if density is None:
+            raise errors.NotSupported(
+                f"model {served.model.name} v{served.model.version} has no generation density; "
+                "serve a version whose model.json has a `generation` block"
+            )
+        unknown = sorted(set(payload) - _FIELDS)
+        if unknown:
+            raise errors.InvalidParameter(f"unknown field(s) {unknown}; allowed: {sorted(_FIELDS)}")
+        n = _n(payload.get("n", 1), served.settings.max_images_per_request)
+        seed = _seed(payload.get("seed"))
+        temperature = _temperature(payload.get("temperature", 1.0))
+        class_name = payload.get("class")
+        if class_name is not None and class_name not in density.classes:
+            raise errors.InvalidParameter(
+                f"unknown class {class_name!r}; this model's classes are {density.classes}"
+            )
+
+        latents, labels = density.sample(n, seed, temperature, class_name)
+        with served.admit(n):
+            images = await served.decode(latents)
+            served.count("generate", len(images))
+            with served.phase("postprocess", "generate"):
+                if wants_npy(request):
+                    return npy_response(images)
+                return FastJSON(
+                    {
+                        "model": served.ref(),
+                        "seed": seed,
+                        "temperature": temperature,
+                        "classes": [density.classes[k] for k in labels],
+                        "images": await served.pngs(images),
+                        "latents": latents,
+                    }
+                )
 
 
 def _whole(value: Any) -> int | None:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.dependencies import RuntimeDep, ServedDep, require_api_key, require_metrics_key
+from service.dependencies import SERVED_OPENAPI, require_metrics_key, serving
 from service.errors import error_response
 from service.responses import FastJSON
 from service.runtime import Runtime
@@ -37,17 +37,19 @@ async def readyz(request: Request):
 @router.get(
     "/model",
     summary="The manifest, the execution providers in use and the batching settings",
-    dependencies=[Depends(require_api_key)],
     responses=KEYED_ERRORS,
+    openapi_extra=SERVED_OPENAPI,
 )
-async def model_card(runtime: RuntimeDep, served: ServedDep):
-    return FastJSON(
-        {
-            **served.model.describe(),
-            "batching": runtime.batching(),
-            "denoiser": runtime.denoiser_card(),  # null when /denoise has no model
-        }
-    )
+async def model_card(request: Request):
+    with serving(request) as served:
+        runtime = served.runtime
+        return FastJSON(
+            {
+                **served.model.describe(),
+                "batching": runtime.batching(),
+                "denoiser": runtime.denoiser_card(),  # null when /denoise has no model
+            }
+        )
 
 
 @router.get(

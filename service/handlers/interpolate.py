@@ -7,15 +7,15 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from service import errors
-from service.dependencies import ServedDep, require_api_key
+from service.dependencies import SERVED_OPENAPI, serving
 from service.inputs import parse_body, validate_latents
 from service.responses import FastJSON
 from service.schemas import InterpolateJson, InterpolateResponse, request_body, responses
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["inference"])
 
 _FORM_FIELDS = {
     "steps": {"type": "integer", "minimum": 0},
@@ -32,52 +32,55 @@ _FORM_FIELDS = {
     "average of two pictures. Inputs are `images` (JSON base64 or multipart files) or `latents`.",
     response_model=None,
     responses=responses(InterpolateResponse),
-    openapi_extra=request_body(InterpolateJson, form_fields=_FORM_FIELDS),
+    openapi_extra=request_body(InterpolateJson, form_fields=_FORM_FIELDS) | SERVED_OPENAPI,
 )
-async def interpolate(request: Request, served: ServedDep):
-    settings = served.settings
-    parsed = await parse_body(request, settings.max_images_per_request, latents=True)
-    if (parsed.images is None) == (parsed.latents is None):
-        raise errors.InvalidRequest("send either `images` or `latents` (one of them)")
-    steps = _steps(_present(parsed.fields, "steps", parsed.form), parsed.form)
-    weights = _weights(_present(parsed.fields, "weights", parsed.form), parsed.form)
-    if (steps is None) == (weights is None):
-        raise errors.InvalidParameter("give either `steps` (a path) or `weights` (an average)")
+async def interpolate(request: Request):
+    with serving(request) as served:
+        settings = served.settings
+        parsed = await parse_body(request, settings.max_images_per_request, latents=True)
+        if (parsed.images is None) == (parsed.latents is None):
+            raise errors.InvalidRequest("send either `images` or `latents` (one of them)")
+        steps = _steps(_present(parsed.fields, "steps", parsed.form), parsed.form)
+        weights = _weights(_present(parsed.fields, "weights", parsed.form), parsed.form)
+        if (steps is None) == (weights is None):
+            raise errors.InvalidParameter("give either `steps` (a path) or `weights` (an average)")
 
-    inputs = len(parsed.images) if parsed.images is not None else len(parsed.latents)
-    if inputs > settings.max_images_per_request:
-        raise errors.TooManyImages(
-            f"{inputs} inputs; the limit is {settings.max_images_per_request}"
-        )
-    if steps is not None:
-        if inputs != 2:
-            raise errors.InvalidParameter(f"`steps` needs exactly two inputs, got {inputs}")
-        if steps > settings.max_interpolation_steps:
-            raise errors.InvalidParameter(
-                f"steps={steps} is above the limit of {settings.max_interpolation_steps}"
+        inputs = len(parsed.images) if parsed.images is not None else len(parsed.latents)
+        if inputs > settings.max_images_per_request:
+            raise errors.TooManyImages(
+                f"{inputs} inputs; the limit is {settings.max_images_per_request}"
             )
-    elif len(weights) != inputs:
-        raise errors.InvalidParameter(
-            f"{len(weights)} weights for {inputs} inputs; give one weight per input"
-        )
-    outputs = steps + 2 if steps is not None else 1
-    # Every parameter is checked: only now are images decoded and encoded.
-    with served.admit(inputs + outputs):
-        if parsed.images is not None:
-            _, latents = await served.encoded(parsed, "interpolate")
-        else:
-            latents = validate_latents(parsed.latents, served.model.latent_dim)
         if steps is not None:
-            t = np.linspace(0.0, 1.0, outputs, dtype=np.float32)[:, None]
-            path = (1.0 - t) * latents[0] + t * latents[1]
-        else:
-            path = (np.asarray(weights, np.float32)[:, None] * latents).sum(axis=0, keepdims=True)
-        images = await served.decode(path.astype(np.float32))
-        served.count("interpolate", len(images))
-        with served.phase("postprocess", "interpolate"):
-            return FastJSON(
-                {"model": served.ref(), "images": await served.pngs(images), "latents": path}
+            if inputs != 2:
+                raise errors.InvalidParameter(f"`steps` needs exactly two inputs, got {inputs}")
+            if steps > settings.max_interpolation_steps:
+                raise errors.InvalidParameter(
+                    f"steps={steps} is above the limit of {settings.max_interpolation_steps}"
+                )
+        elif len(weights) != inputs:
+            raise errors.InvalidParameter(
+                f"{len(weights)} weights for {inputs} inputs; give one weight per input"
             )
+        outputs = steps + 2 if steps is not None else 1
+        # Every parameter is checked: only now are images decoded and encoded.
+        with served.admit(inputs + outputs):
+            if parsed.images is not None:
+                _, latents = await served.encoded(parsed, "interpolate")
+            else:
+                latents = validate_latents(parsed.latents, served.model.latent_dim)
+            if steps is not None:
+                t = np.linspace(0.0, 1.0, outputs, dtype=np.float32)[:, None]
+                path = (1.0 - t) * latents[0] + t * latents[1]
+            else:
+                path = (np.asarray(weights, np.float32)[:, None] * latents).sum(
+                    axis=0, keepdims=True
+                )
+            images = await served.decode(path.astype(np.float32))
+            served.count("interpolate", len(images))
+            with served.phase("postprocess", "interpolate"):
+                return FastJSON(
+                    {"model": served.ref(), "images": await served.pngs(images), "latents": path}
+                )
 
 
 def _present(fields: dict[str, Any], name: str, form: bool) -> Any:

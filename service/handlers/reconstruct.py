@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from aecore.anomaly import per_image_mse
-from service.dependencies import ServedDep, require_api_key
+from service.dependencies import SERVED_OPENAPI, serving
 from service.handlers.common import request_images
 from service.responses import FastJSON
 from service.schemas import IMAGE_INPUTS, ImagesJson, ReconstructResponse, request_body, responses
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["inference"])
 
 
 @router.post(
@@ -20,19 +20,20 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     f"input with the output, both in [0, 1]. {IMAGE_INPUTS}",
     response_model=None,
     responses=responses(ReconstructResponse),
-    openapi_extra=request_body(ImagesJson, raw_images=True),
+    openapi_extra=request_body(ImagesJson, raw_images=True) | SERVED_OPENAPI,
 )
-async def reconstruct(request: Request, served: ServedDep):
-    parsed = await request_images(request, served)
-    with served.admit(parsed.image_count):
-        images, latents = await served.encoded(parsed, "reconstruct")
-        outputs = await served.decode(latents)
-        served.count("reconstruct", len(outputs))
-        with served.phase("postprocess", "reconstruct"):
-            return FastJSON(
-                {
-                    "model": served.ref(),
-                    "images": await served.pngs(outputs),
-                    "mse": per_image_mse(images, outputs),
-                }
-            )
+async def reconstruct(request: Request):
+    with serving(request) as served:
+        parsed = await request_images(request, served)
+        with served.admit(parsed.image_count):
+            images, latents = await served.encoded(parsed, "reconstruct")
+            outputs = await served.decode(latents)
+            served.count("reconstruct", len(outputs))
+            with served.phase("postprocess", "reconstruct"):
+                return FastJSON(
+                    {
+                        "model": served.ref(),
+                        "images": await served.pngs(outputs),
+                        "mse": per_image_mse(images, outputs),
+                    }
+                )

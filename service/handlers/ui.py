@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from service.dependencies import ServedDep, require_api_key
+from service.dependencies import SERVED_OPENAPI, serving
 from service.errors import NotFound
 from service.schemas import KEYED_ERRORS, ErrorBody
 
@@ -68,10 +68,11 @@ async def asset(name: str) -> FileResponse:
     summary="The names of the model's report figures",
     response_model=ReportFigures,
     responses=KEYED_ERRORS,
-    dependencies=[Depends(require_api_key)],
+    openapi_extra=SERVED_OPENAPI,
 )
-async def report_figures(served: ServedDep) -> ReportFigures:
-    return ReportFigures(figures=list(_files(served.model.folder / "report", _FIGURE_TYPES)))
+async def report_figures(request: Request) -> ReportFigures:
+    with serving(request) as served:
+        return ReportFigures(figures=list(_files(served.model.folder / "report", _FIGURE_TYPES)))
 
 
 @router.get(
@@ -86,8 +87,9 @@ async def report_figures(served: ServedDep) -> ReportFigures:
         404: {"model": ErrorBody, "description": "no PNG of that name in the report folder"},
         **KEYED_ERRORS,
     },
-    dependencies=[Depends(require_api_key)],
+    openapi_extra=SERVED_OPENAPI,
 )
-async def report_figure(name: str, served: ServedDep) -> FileResponse:
-    path = _listed(served.model.folder / "report", name, _FIGURE_TYPES)
-    return FileResponse(path, media_type="image/png")
+async def report_figure(request: Request, name: str) -> FileResponse:
+    with serving(request) as served:
+        path = _listed(served.model.folder / "report", name, _FIGURE_TYPES)
+        return FileResponse(path, media_type="image/png")
