@@ -198,8 +198,8 @@ class Runtime:
             else:
                 pending.settle_threadsafe(error=error)
 
-        decode_into(model, parsed.images, self.settings.max_image_pixels, self.pool, hand_over)
         try:
+            decode_into(model, parsed.images, self.settings.max_image_pixels, self.pool, hand_over)
             outputs = await pending.future
             return decoded[0], outputs
         finally:
