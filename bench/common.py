@@ -115,15 +115,18 @@ def arguments(
     default_seconds: float,
     flags: tuple[str, ...] = (),
     choices: dict[str, tuple[str, ...]] | None = None,
+    valued: dict[str, str | None] | None = None,
 ) -> argparse.Namespace:
     """The options every section takes: where to write its JSON, and how long to time things
-    (plus a section's own on/off `flags`, and its options of a few `choices` each, the first
-    being the default)."""
+    (plus a section's own on/off `flags`, its options of a few `choices` each, the first
+    being the default, and its options that take any value, None marking a required one)."""
     parser = argparse.ArgumentParser(description=description)
     for flag in flags:
         parser.add_argument(flag, action="store_true")
     for option, values in (choices or {}).items():
         parser.add_argument(option, choices=values, default=values[0], help=f"default {values[0]}")
+    for option, default in (valued or {}).items():
+        parser.add_argument(option, default=default, required=default is None)
     parser.add_argument("--json", type=Path, help="write this section's results here")
     parser.add_argument(
         "--seconds",
