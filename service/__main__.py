@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         log_config=log_config(settings.log_level),
         timeout_graceful_shutdown=30,
     )

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 8000
     log_level: str = "info"
+    # One line per request from uvicorn; behind an ingress or proxy that logs requests already,
+    # turning it off saves its formatting and write on the event loop (docs/benchmarks.md).
+    access_log: bool = True
 
     @field_validator("models", mode="before")
     @classmethod

@@ -518,6 +518,21 @@ def test_answered_probes_stay_out_of_the_access_log():
     assert SuccessfulProbesFilter().filter(record)
 
 
+def test_the_access_log_can_be_turned_off_and_the_service_log_stays():
+    """AE_ACCESS_LOG=false, behind an ingress that logs requests itself."""
+    import httpx
+
+    from tests.live import live_server
+
+    with live_server({"AE_ACCESS_LOG": "false"}) as server:
+        for path in ("/metrics", "/no-such-page"):
+            httpx.get(server.base + path, timeout=10)
+        server.stop()
+        log = server.output(tail=100_000)
+    assert "HTTP/1.1" not in log
+    assert "loaded intel-scenes" in log and "Application startup complete" in log
+
+
 # ---------------------------------------------------------------- Prometheus and Grafana
 
 
