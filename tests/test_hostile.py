@@ -696,10 +696,13 @@ async def test_a_full_queue_answers_429_and_accepted_requests_complete(scene_byt
             second = asyncio.create_task(c.post("/encode", files=multipart(blobs[1:4])))
             await wait_until(lambda: runtime.default().encoder.depth == 3, "three images queued")
             refused = await c.post("/encode", files=multipart(blobs[4:6]))  # 3 + 2 > 4
+            # Refused before decoding: two files that are no images get the 429, not a 400.
+            undecoded = await c.post("/encode", files=multipart([b"not an image"] * 2))
             ready = await c.get("/readyz")
         replies = [await first, await second]
         after = await c.post("/encode", files=multipart(blobs[4:6]))
     assert "3 images waiting" in assert_error(refused, 429, "queue_full")["message"]
+    assert "3 images waiting" in assert_error(undecoded, 429, "queue_full")["message"]
     assert ready.status_code == 200  # a full queue is back-pressure, not unreadiness
     assert [r.status_code for r in replies] == [200, 200]
     got = np.concatenate([r.json()["latents"] for r in replies]).astype(np.float32)
