@@ -166,7 +166,7 @@ def _export(args) -> int:
 def _evaluate(args) -> int:
     from aecore import manifest
     from training import data
-    from training.export import mse_metrics, reconstruct, spec_of, write_report
+    from training.export import data_name, mse_metrics, reconstruct, spec_of, write_report
 
     folder = Path(args.model)
     images = data.load(Path(args.data), spec_of(folder), args.limit)
@@ -187,7 +187,7 @@ def _evaluate(args) -> int:
             "val_mse": result["mse"],
             "val_mse_per_class": result["mse_per_class"],
         }
-        body["training"] = {**body.get("training", {}), "data": args.data}
+        body["training"] = {**body.get("training", {}), "data": data_name(args.data)}
         write_report(Path(args.report_dir), body, images, outputs, latents)
     print(json.dumps(result, indent=2))
     return 0
