@@ -273,11 +273,11 @@ def decode_into(
     max_pixels: int,
     pool,
     done: Callable[[np.ndarray, BaseException | None], None],
-) -> None:
+) -> np.ndarray:
     """Decode and preprocess every image in the thread pool straight into its slot of one batch
-    buffer (no stacking afterwards). The thread that finishes the last image calls
-    `done(batch, None)`, or `done(batch, error)` with the error of the lowest bad index,
-    whatever finished first."""
+    buffer (no stacking afterwards), returned at once. The thread that finishes the last image
+    calls `done(batch, None)`, or `done(batch, error)` with the error of the lowest bad index,
+    whatever finished first; `done` may run before this returns."""
     batch = np.empty((len(blobs), *model.spec.shape), np.float32)
     failures: dict[int, BaseException] = {}
     remaining = len(blobs)
@@ -304,3 +304,4 @@ def decode_into(
 
     for index, data in enumerate(blobs):
         pool.submit(one, index, data)
+    return batch

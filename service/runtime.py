@@ -188,20 +188,18 @@ class Runtime:
         batcher.check(parsed.image_count)  # refuse before decoding anything
         pending = batcher.pending()
         started, preprocess = time.perf_counter(), self.metrics.phases["preprocess"]
-        decoded: list[np.ndarray] = []
 
         def hand_over(images: np.ndarray, error: BaseException | None) -> None:  # in the pool
             preprocess.labels(endpoint).observe(time.perf_counter() - started)
-            decoded.append(images)
             if error is None:
                 batcher.put(images, pending)
             else:
                 pending.settle_threadsafe(error=error)
 
         try:
-            decode_into(model, parsed.images, self.settings.max_image_pixels, self.pool, hand_over)
-            outputs = await pending.future
-            return decoded[0], outputs
+            images = decode_into(model, parsed.images, self.settings.max_image_pixels, self.pool,
+                                 hand_over)  # fmt: skip
+            return images, await pending.future
         finally:
             pending.timer.cancel()
 
