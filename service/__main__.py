@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import logging
 import os
 import tempfile
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
+from service import listeners
 from service.app import create_app
 from service.logs import log_config
 from service.settings import get_settings
+
+log = logging.getLogger("uvicorn.error")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     # Several processes share the port; each builds its own app (sessions, batchers) from the
     # same environment, and their metrics meet in one folder that /metrics sums.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_folder()
-    uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+    app = "service.app:create_app"
+    if not listeners.SPREADS:  # one socket shared by every worker, as uvicorn binds it
+        uvicorn.run(app, factory=True, workers=settings.workers, **common)
+        return
+    config = uvicorn.Config(app, factory=True, workers=settings.workers, **common)
+    held, listener = listeners.reserve(args.host, args.port)
+    log.info("Uvicorn running on http://%s:%d, one listening socket per worker (Press CTRL+C "
+             "to quit)", args.host, listener.port)  # fmt: skip
+    with held, contextlib.suppress(KeyboardInterrupt):
+        Multiprocess(config, sockets=[listener]).run()  # type: ignore[list-item]
 
 
 def metrics_folder() -> str:

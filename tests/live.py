@@ -57,6 +57,17 @@ class LiveServer:
                     queue += [int(c) for c in (task / "children").read_text().split()]
         return found
 
+    def listeners(self) -> dict[int, set[str]]:
+        """The server's processes that hold a socket listening on its port, and those sockets.
+        With AE_WORKERS > 1 on Linux each worker binds its own once it serves (SO_REUSEPORT)."""
+        listening = tcp_sockets(self.port, LISTEN)
+        held = {pid: held_by(pid) & listening for pid in self.pids()}
+        return {pid: sockets for pid, sockets in held.items() if sockets}
+
+    @property
+    def port(self) -> int:
+        return int(self.base.rsplit(":", 1)[1])
+
     def cpu_seconds(self) -> float:
         """User + system CPU of the server, all its processes and threads."""
         return sum(self.thread_cpu_seconds().values())
@@ -90,6 +101,29 @@ class LiveServer:
         return self.proc.returncode
 
 
+ESTABLISHED, LISTEN = "01", "0A"  # TCP states as /proc/net/tcp writes them
+
+
+def tcp_sockets(port: int, state: str) -> set[str]:
+    """The IPv4 TCP sockets on local `port` in `state`, named as /proc/PID/fd links name them."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+            found.add(f"socket:[{fields[9]}]")
+    return found
+
+
+def held_by(pid: int) -> set[str]:
+    """What process `pid`'s file descriptors point at (nothing once it has exited)."""
+    held = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):  # closed meanwhile
+                held.add(os.readlink(fd))
+    return held
+
+
 def _cpu(stat: Path) -> float:
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
@@ -109,6 +143,9 @@ def live_server(
     fill a pipe buffer and stall the server.
     """
     port = free_port()
+    # With several workers, ready means every one serves: clients that connect while one
+    # is still warming up all stay on the others (keep-alive), and skew what they measure.
+    workers = int((env or {}).get("AE_WORKERS", "1"))
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
     full_env.update({"AE_MODEL_DIR": str(DEFAULT_MODEL_DIR), **(env or {})})
     command = [*(argv or [sys.executable, "-m", "service"]), "--host", "127.0.0.1"]
@@ -126,7 +163,10 @@ def live_server(
                         f"the server exited early ({proc.returncode}):\n{server.output()}"
                     )
                 with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{server.base}/readyz", timeout=1).status_code == 200:
+                    if (
+                        httpx.get(f"{server.base}/readyz", timeout=1).status_code == 200
+                        and len(server.listeners()) >= workers
+                    ):
                         break
                 if time.monotonic() > deadline:
                     raise ServerFailed(
