@@ -57,6 +57,15 @@ class LiveServer:
                     queue += [int(c) for c in (task / "children").read_text().split()]
         return found
 
+    def workers(self) -> list[int]:
+        """uvicorn's worker processes (AE_WORKERS > 1): the children it spawned, not
+        multiprocessing's resource tracker; none when one process serves."""
+        return [
+            pid
+            for pid in self.pids()
+            if pid != self.proc.pid and b"spawn_main" in _read(Path(f"/proc/{pid}/cmdline"))
+        ]
+
     def listeners(self) -> dict[int, set[str]]:
         """The server's processes that hold a socket listening on its port, and those sockets.
         With AE_WORKERS > 1 on Linux each worker binds its own once it serves (SO_REUSEPORT)."""
@@ -124,6 +133,12 @@ def held_by(pid: int) -> set[str]:
     return held
 
 
+def _read(path: Path) -> bytes:
+    with contextlib.suppress(OSError):  # the process has exited
+        return path.read_bytes()
+    return b""
+
+
 def _cpu(stat: Path) -> float:
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
@@ -139,13 +154,12 @@ def live_server(
 
     The default model and only the given `AE_*` settings: the caller's own `AE_*` variables
     would change what a test or benchmark sees. `argv` replaces `python -m service` (it gets
-    `--host 127.0.0.1 --port P` too). The log goes to a file, not a pipe, so a long run cannot
+    `--host 127.0.0.1 --port P` too). With several workers, ready means every one listens:
+    keep-alive clients that connect while one is still warming up would all stay on the
+    others and skew what they measure. The log goes to a file, not a pipe, so a long run cannot
     fill a pipe buffer and stall the server.
     """
     port = free_port()
-    # With several workers, ready means every one serves: clients that connect while one
-    # is still warming up all stay on the others (keep-alive), and skew what they measure.
-    workers = int((env or {}).get("AE_WORKERS", "1"))
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
     full_env.update({"AE_MODEL_DIR": str(DEFAULT_MODEL_DIR), **(env or {})})
     command = [*(argv or [sys.executable, "-m", "service"]), "--host", "127.0.0.1"]
@@ -163,9 +177,8 @@ def live_server(
                         f"the server exited early ({proc.returncode}):\n{server.output()}"
                     )
                 with contextlib.suppress(httpx.TransportError):
-                    if (
-                        httpx.get(f"{server.base}/readyz", timeout=1).status_code == 200
-                        and len(server.listeners()) >= workers
+                    if httpx.get(f"{server.base}/readyz", timeout=1).status_code == 200 and (
+                        set(server.workers()) <= set(server.listeners())
                     ):
                         break
                 if time.monotonic() > deadline:
