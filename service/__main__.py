@@ -12,7 +12,7 @@ import tempfile
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from service import listeners
+from service import listeners, workers
 from service.app import create_app
 from service.logs import log_config
 from service.settings import get_settings
@@ -54,13 +54,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def metrics_folder() -> str:
     """The operator's PROMETHEUS_MULTIPROC_DIR, emptied (stale samples of a previous run
-    would be summed in), or a new temporary folder."""
+    would be summed in, and its workers' ready marks counted), or a new temporary folder."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
         return tempfile.mkdtemp(prefix="convae-metrics-")
     os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(os.path.join(folder, "*.db")):
-        os.remove(stale)
+    for pattern in ("*.db", f"{workers.MARK}*"):
+        for stale in glob.glob(os.path.join(folder, pattern)):
+            os.remove(stale)
     return folder
 
 

@@ -17,10 +17,11 @@ import numpy as np
 from aecore import manifest
 from aecore.denoiser import Denoiser
 from aecore.graphs import default_threads
+from service import workers
 from service.batcher import Batcher
 from service.errors import Busy
 from service.inputs import Parsed, decode_into, validate_tensors
-from service.metrics import Metrics
+from service.metrics import Metrics, multiprocess_dir
 from service.model import AutoencoderModel, choose_providers
 from service.repository import Repository, Served
 from service.settings import Settings
@@ -33,6 +34,7 @@ class Runtime:
         self.settings = settings
         self.metrics = metrics
         self._ready = False
+        self._all_started = False  # every worker process has been ready (AE_WORKERS > 1)
         self.images_in_flight = 0
         # OpenCV releases the GIL, so decoding and PNG encoding scale over threads.
         self.pool = ThreadPoolExecutor(
@@ -65,6 +67,8 @@ class Runtime:
                 self.repository.poll(self.settings.model_poll_s), name="repository-poll"
             )
         self.ready = True
+        if self.settings.workers > 1:
+            workers.mark_ready(multiprocess_dir())
 
     async def open(self, folder: Path) -> Served:
         """One version: sessions opened and checked (sha256, shapes), warmed up, batchers made."""
@@ -148,6 +152,15 @@ class Runtime:
     @ready.setter
     def ready(self, value: bool) -> None:
         self._ready = value
+
+    def workers_waiting(self) -> int:
+        """The worker processes of this server (AE_WORKERS) that have not been ready yet."""
+        folder = multiprocess_dir()
+        if self._all_started or self.settings.workers == 1 or folder is None:
+            return 0
+        waiting = max(0, self.settings.workers - workers.started(folder))
+        self._all_started = waiting == 0
+        return waiting
 
     @contextmanager
     def admit(self, images: int) -> Iterator[None]:

@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from uvicorn.config import STARTUP_FAILURE
 
+from service import workers
 from tests.live import DEFAULT_MODEL_DIR, ESTABLISHED, REPO, held_by, live_server, tcp_sockets
-from tests.service_client import metric
+from tests.service_client import metric, running
 
 
 def test_two_workers_share_the_port_and_their_metrics_add_up(scene_paths):
@@ -94,3 +95,26 @@ def test_a_port_another_program_listens_on_stops_start_up_with_a_clear_error():
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Address already in use" in done.stderr
     assert "Started server process" not in done.stderr  # no worker was started
+
+
+async def test_readiness_waits_until_every_worker_has_been_ready(
+    monkeypatch, tmp_path, scene_bytes
+):
+    """One of two workers is ready, the other still loading: /readyz is 503 (an orchestrator
+    would otherwise route traffic whose keep-alive connections all stay on the first), while
+    the ready worker serves whatever reaches it. The other's mark turns it 200, for good."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    async with running(workers=2) as client:
+        waiting = await client.get("/readyz")
+        encoded = await client.post("/encode", content=scene_bytes[0],
+                                    headers={"Content-Type": "image/jpeg"})  # fmt: skip
+        (tmp_path / f"{workers.MARK}{os.getpid() + 1}").touch()  # the sibling is ready
+        ready = await client.get("/readyz")
+        (tmp_path / f"{workers.MARK}{os.getpid() + 1}").unlink()  # not counted again once all were
+        still = await client.get("/readyz")
+    assert waiting.status_code == 503 and waiting.headers["retry-after"] == "1"
+    assert waiting.json()["error"]["code"] == "not_ready"
+    assert "1 of 2 worker processes are still starting" in waiting.json()["error"]["message"]
+    assert encoded.status_code == 200
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert still.status_code == 200

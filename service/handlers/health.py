@@ -22,7 +22,7 @@ async def healthz() -> dict:
 
 @router.get(
     "/readyz",
-    summary="Readiness: 200 once the model is loaded and warmed up",
+    summary="Readiness: 200 once the model is loaded and warmed up (in every worker process)",
     responses={503: KEYED_ERRORS[503]},
 )
 async def readyz(request: Request):
@@ -30,6 +30,9 @@ async def readyz(request: Request):
     if runtime is None or not runtime.ready:
         return error_response(503, "not_ready", "the model is not loaded yet, or is shutting down",
                               {"Retry-After": "1"})  # fmt: skip
+    if waiting := runtime.workers_waiting():
+        return error_response(503, "not_ready", f"{waiting} of {runtime.settings.workers} worker "
+                              "processes are still starting", {"Retry-After": "1"})  # fmt: skip
     default = runtime.default().model
     return {"status": "ready", "model": default.name, "version": default.version}
 
