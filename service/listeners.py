@@ -1,11 +1,14 @@
 """One listening socket per worker process, so that the kernel spreads connections over them.
 
 uvicorn's workers share the one socket its parent binds: one accept queue, and whichever worker
-wakes first accepts every connection waiting there. Keep-alive clients that connect together
-(a load balancer's pool, a benchmark) can all land on one worker and stay there while the others
-idle; on this project's 2-core VM, 2 of 6 starts put all 32 connections on one of two workers
-and halved the throughput. With SO_REUSEPORT on Linux every worker listens on its own socket of
-the port's group and the kernel picks the socket by a hash of each connection's addresses.
+wakes first accepts whatever waits there, so how connections opened together (a load
+balancer's pool, a benchmark) spread is the scheduler's luck, and keep-alive ones stay where
+they landed. On this project's 2-core VM, four workers up and 33 connections opened at once,
+five starts each: the shared socket split them from 3-9-9-12 to 1-7-7-18, a socket per worker
+from 7-8-9-9 to 4-8-10-11. With SO_REUSEPORT on Linux every worker listens on its own socket
+of the port's group and the kernel picks the socket by a hash of each connection's addresses.
+(Clients that connect while some workers still load land on the others whatever the sockets:
+that is /readyz's to prevent, service/workers.py.)
 
 uvicorn's supervisor hands each worker it starts (or restarts) the parent's socket list by
 pickling it; a `Listener` pickles into a call that binds a new socket of the group in the

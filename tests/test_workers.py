@@ -50,8 +50,8 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(scene_paths):
 def test_connections_opened_together_are_spread_over_the_workers(scene_paths):
     """A pool of keep-alive clients that connect at once (a load balancer, a benchmark) must
     not all land on one worker: each worker listens on its own SO_REUSEPORT socket and the
-    kernel spreads connections by their addresses. With uvicorn's one shared socket, the
-    worker that woke first often accepted all of them."""
+    kernel spreads connections by their addresses. With uvicorn's one shared socket, how they
+    spread was the scheduler's luck (with four workers, as uneven as 1-7-7-18 of 33)."""
     image = scene_paths[0].read_bytes()
     with live_server({"AE_WORKERS": "2"}) as server:
         port = server.port
