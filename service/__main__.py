@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import logging
 import os
+import sys
 import tempfile
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from service import listeners, workers
@@ -38,18 +39,31 @@ def main(argv: list[str] | None = None) -> None:
         uvicorn.run(create_app(settings), **common)
         return
     # Several processes share the port; each builds its own app (sessions, batchers) from the
-    # same environment, and their metrics meet in one folder that /metrics sums.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_folder()
+    # same environment, and their metrics and ready marks meet in one folder.
     app = "service.app:create_app"
     if not listeners.SPREADS:  # one socket shared by every worker, as uvicorn binds it
+        share_folder()
         uvicorn.run(app, factory=True, workers=settings.workers, **common)
         return
+    held, listener = listeners.reserve(args.host, args.port)  # before touching the folder
+    share_folder()
     config = uvicorn.Config(app, factory=True, workers=settings.workers, **common)
-    held, listener = listeners.reserve(args.host, args.port)
+    address = f"[{args.host}]" if ":" in args.host else args.host
     log.info("Uvicorn running on http://%s:%d, one listening socket per worker (Press CTRL+C "
-             "to quit)", args.host, listener.port)  # fmt: skip
-    with held, contextlib.suppress(KeyboardInterrupt):
-        Multiprocess(config, sockets=[listener]).run()  # type: ignore[list-item]
+             "to quit)", address, listener.port)  # fmt: skip
+    supervisor = Multiprocess(config, sockets=[listener])  # type: ignore[list-item]
+    with held:
+        supervisor.run()
+    # uvicorn's supervisor stops when a worker fails to start, but returns as if all went well.
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        sys.exit(STARTUP_FAILURE)
+
+
+def share_folder() -> None:
+    """The folder the workers' metrics and ready marks meet in, in their environment."""
+    folder = metrics_folder()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    os.environ[workers.FOLDER_ENV] = folder
 
 
 def metrics_folder() -> str:

@@ -2,18 +2,15 @@
 
 uvicorn's workers share the one socket its parent binds: one accept queue, and whichever worker
 wakes first accepts whatever waits there, so how connections opened together (a load
-balancer's pool, a benchmark) spread is the scheduler's luck, and keep-alive ones stay where
-they landed. On this project's 2-core VM, four workers up and 33 connections opened at once,
-five starts each: the shared socket split them from 3-9-9-12 to 1-7-7-18, a socket per worker
-from 7-8-9-9 to 4-8-10-11. With SO_REUSEPORT on Linux every worker listens on its own socket
-of the port's group and the kernel picks the socket by a hash of each connection's addresses.
-(Clients that connect while some workers still load land on the others whatever the sockets:
-that is /readyz's to prevent, service/workers.py.)
+balancer's pool, a benchmark) spread over the workers is the scheduler's luck, and keep-alive
+ones stay where they landed (docs/benchmarks.md measures it with four workers). With
+SO_REUSEPORT on Linux every worker listens on its own socket of the port's group, and the
+kernel picks the socket by a hash of each connection's addresses.
 
 uvicorn's supervisor hands each worker it starts (or restarts) the parent's socket list by
 pickling it; a `Listener` pickles into a call that binds a new socket of the group in the
 worker. The parent binds one too, never listening on it: it reserves the port (and resolves
-port 0) before any worker starts, and a port taken by another program fails start-up there.
+port 0) before any worker starts.
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from collections.abc import Callable
 
 from uvicorn.config import STARTUP_FAILURE
 
@@ -29,12 +27,14 @@ log = logging.getLogger("uvicorn.error")
 SPREADS = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket of `host:port`'s SO_REUSEPORT group, bound, not yet listening."""
+def bind(host: str, port: int, reuse_port: bool = True) -> socket.socket:
+    """A TCP socket bound to `host:port`, not yet listening; of the port's SO_REUSEPORT group
+    unless `reuse_port` is false."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn's own bind
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
@@ -44,12 +44,13 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _bind_in_worker(host: str, port: int) -> socket.socket:
-    """What a pickled `Listener` becomes in a worker; a failure stops the supervisor (uvicorn
-    restarts workers that die, except with STARTUP_FAILURE)."""
+    """What a pickled `Listener` becomes in a worker. This runs before uvicorn sets up the
+    worker's logging, hence stderr; the exit code stops the supervisor, which would otherwise
+    start the worker again and again."""
     try:
         return bind(host, port)
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", host, port, exc)
+        print(f"ERROR:    cannot listen on {host}:{port}: {exc}", file=sys.stderr, flush=True)
         sys.exit(STARTUP_FAILURE)
 
 
@@ -59,14 +60,20 @@ class Listener:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[str, int], socket.socket], tuple[str, int]]:
         return _bind_in_worker, (self.host, self.port)
 
 
 def reserve(host: str, port: int) -> tuple[socket.socket, Listener]:
     """In the parent: the port's first socket of the group (kept open, never listening; it
-    receives no connections), and the `Listener` that gives each worker its own."""
+    receives no connections), and the `Listener` that gives each worker its own.
+
+    A plain bind first: SO_REUSEPORT would let this server join the group of another one
+    already listening there (another copy of this service, say) and take half its
+    connections, where it must fail to start."""
     try:
+        if port != 0:
+            bind(host, port, reuse_port=False).close()
         held = bind(host, port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)

@@ -21,7 +21,7 @@ from service import workers
 from service.batcher import Batcher
 from service.errors import Busy
 from service.inputs import Parsed, decode_into, validate_tensors
-from service.metrics import Metrics, multiprocess_dir
+from service.metrics import Metrics
 from service.model import AutoencoderModel, choose_providers
 from service.repository import Repository, Served
 from service.settings import Settings
@@ -67,8 +67,7 @@ class Runtime:
                 self.repository.poll(self.settings.model_poll_s), name="repository-poll"
             )
         self.ready = True
-        if self.settings.workers > 1:
-            workers.mark_ready(multiprocess_dir())
+        workers.mark_ready()  # uvicorn listens a moment later: harmless at probe intervals
 
     async def open(self, folder: Path) -> Served:
         """One version: sessions opened and checked (sha256, shapes), warmed up, batchers made."""
@@ -154,11 +153,10 @@ class Runtime:
         self._ready = value
 
     def workers_waiting(self) -> int:
-        """The worker processes of this server (AE_WORKERS) that have not been ready yet."""
-        folder = multiprocess_dir()
-        if self._all_started or self.settings.workers == 1 or folder is None:
+        """The worker processes of this server (AE_WORKERS) not ready yet, until all have been."""
+        if self._all_started or workers.folder() is None:
             return 0
-        waiting = max(0, self.settings.workers - workers.started(folder))
+        waiting = max(0, self.settings.workers - workers.ready_workers())
         self._all_started = waiting == 0
         return waiting
 

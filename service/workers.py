@@ -1,14 +1,13 @@
-"""Readiness across worker processes (AE_WORKERS > 1): the server is ready once every worker
-has been.
+"""Readiness across the worker processes `python -m service` starts (AE_WORKERS > 1): the
+server is ready once every worker is.
 
 A worker that is still loading accepts no connections, so a probe always reaches one that is
-ready. Were that enough, an orchestrator would send traffic while the others still load, and the
-keep-alive connections opened then would stay on the workers that were up: on this project's
-2-core VM, clients that connected as soon as the first of two workers answered all 33 stayed on
-it, at half the throughput. So each worker leaves a mark in the folder the workers share (the
-one their metrics meet in, emptied by the parent at start) when it first turns ready, and
-/readyz answers 200 once there are as many marks as workers. A worker restarted later adds its
-own: a restart does not take the server out of rotation.
+ready. Were that enough, an orchestrator would route traffic while the others still load, and
+the keep-alive connections opened then would all stay on the workers that were up
+(docs/benchmarks.md, "What paid"). So `python -m service` gives its workers a folder; each
+worker leaves a mark there when it turns ready, and /readyz answers 200 once as many live
+workers have marked as AE_WORKERS asks for. From then on it stops counting: a worker restarted
+later does not take the server out of rotation.
 """
 
 from __future__ import annotations
@@ -16,15 +15,35 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-MARK = "ready-"  # + the pid of a worker that has been ready
+FOLDER_ENV = "CONVAE_READY_MARKS"  # set by `python -m service` for the workers it starts
+MARK = "ready-"  # + the pid of a worker that has turned ready
 
 
-def mark_ready(folder: str | None) -> None:
-    """Record that this worker process is ready (nothing when one process serves)."""
-    if folder is not None:
-        Path(folder, f"{MARK}{os.getpid()}").touch()
+def folder() -> str | None:
+    """Where this server's workers mark themselves ready; None when one process serves."""
+    return os.environ.get(FOLDER_ENV) or None
 
 
-def started(folder: str | None) -> int:
-    """How many worker processes have been ready."""
-    return 0 if folder is None else sum(1 for _ in Path(folder).glob(f"{MARK}*"))
+def mark_ready() -> None:
+    """Record that this worker process is ready."""
+    if (where := folder()) is not None:
+        Path(where, f"{MARK}{os.getpid()}").touch()
+
+
+def ready_workers() -> int:
+    """How many live worker processes have marked themselves ready (a worker that died
+    after marking, and its replacement, count once)."""
+    where = folder()
+    if where is None:
+        return 0
+    return sum(_alive(int(mark.name[len(MARK) :])) for mark in Path(where).glob(f"{MARK}*"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's: not ours, but a pid is not reused that fast
+        return True
+    return True

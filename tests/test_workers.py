@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from uvicorn.config import STARTUP_FAILURE
 
-from service import workers
+from service import listeners, workers
+from service.__main__ import metrics_folder
 from tests.live import DEFAULT_MODEL_DIR, ESTABLISHED, REPO, held_by, live_server, tcp_sockets
 from tests.service_client import metric, running
 
@@ -22,7 +25,6 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(scene_paths):
     image = scene_paths[0].read_bytes()
     with live_server({"AE_WORKERS": "2", "AE_LOG_LEVEL": "info"}) as server:
         assert len(server.workers()) == 2  # both serve: live_server waits until they listen
-        assert server.output(100_000).count("providers in use") == 2
 
         def encode(i: int) -> int:
             return httpx.post(
@@ -102,19 +104,96 @@ async def test_readiness_waits_until_every_worker_has_been_ready(
 ):
     """One of two workers is ready, the other still loading: /readyz is 503 (an orchestrator
     would otherwise route traffic whose keep-alive connections all stay on the first), while
-    the ready worker serves whatever reaches it. The other's mark turns it 200, for good."""
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    async with running(workers=2) as client:
-        waiting = await client.get("/readyz")
-        encoded = await client.post("/encode", content=scene_bytes[0],
-                                    headers={"Content-Type": "image/jpeg"})  # fmt: skip
-        (tmp_path / f"{workers.MARK}{os.getpid() + 1}").touch()  # the sibling is ready
-        ready = await client.get("/readyz")
-        (tmp_path / f"{workers.MARK}{os.getpid() + 1}").unlink()  # not counted again once all were
-        still = await client.get("/readyz")
+    the ready worker serves whatever reaches it. A mark left by a worker that has died does
+    not count; a live sibling's does, and for good once every worker has been ready."""
+    monkeypatch.setenv(workers.FOLDER_ENV, str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    sibling = subprocess.Popen(["sleep", "60"])
+    try:
+        async with running(workers=2) as client:
+            waiting = await client.get("/readyz")
+            encoded = await client.post("/encode", content=scene_bytes[0],
+                                        headers={"Content-Type": "image/jpeg"})  # fmt: skip
+            (tmp_path / f"{workers.MARK}{gone.pid}").touch()  # ready once, then died
+            still_waiting = await client.get("/readyz")
+            (tmp_path / f"{workers.MARK}{sibling.pid}").touch()  # the other worker is ready
+            ready = await client.get("/readyz")
+            sibling.kill()
+            sibling.wait()
+            after_a_death = await client.get("/readyz")
+    finally:
+        sibling.kill()
     assert waiting.status_code == 503 and waiting.headers["retry-after"] == "1"
     assert waiting.json()["error"]["code"] == "not_ready"
     assert "1 of 2 worker processes are still starting" in waiting.json()["error"]["message"]
     assert encoded.status_code == 200
+    assert still_waiting.status_code == 503
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
-    assert still.status_code == 200
+    assert after_a_death.status_code == 200  # a restart does not take the server out
+
+
+def test_a_second_server_on_the_same_port_does_not_start_and_leaves_the_first_alone(tmp_path):
+    """SO_REUSEPORT would let a second copy join the first one's group and take half its
+    connections; it must fail instead, before it empties the metrics folder they share."""
+    shared = {"AE_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    with live_server(shared) as first:
+        marks = sorted(p.name for p in tmp_path.glob(f"{workers.MARK}*"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
+        env.update(shared, AE_MODEL_DIR=str(DEFAULT_MODEL_DIR))
+        second = subprocess.run(
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(first.port)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == STARTUP_FAILURE, second.stderr
+        assert f"cannot listen on 127.0.0.1:{first.port}" in second.stderr
+        assert sorted(p.name for p in tmp_path.glob(f"{workers.MARK}*")) == marks
+        assert len(marks) == 2
+        assert httpx.get(f"{first.base}/readyz", timeout=10).status_code == 200
+        assert len(first.listeners()) == 2
+
+
+def test_a_worker_that_fails_to_start_fails_the_server():
+    """uvicorn's supervisor stops when a worker cannot start but exits 0, which a process
+    manager would take for a clean stop; the server exits with uvicorn's STARTUP_FAILURE."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
+    env.update(AE_WORKERS="2", AE_MODEL_DIR="/nonexistent/models")
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == STARTUP_FAILURE, done.stderr[-2000:]
+
+
+def test_a_killed_worker_is_replaced_by_one_with_its_own_socket():
+    with live_server({"AE_WORKERS": "2"}) as server:
+        before = server.listeners()
+        victim, survivor = list(before)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while len(now := server.listeners()) < 2 or victim in now:  # uvicorn starts another
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.2)
+        ready = httpx.get(f"{server.base}/readyz", timeout=10)
+    replacement = next(pid for pid in now if pid != survivor)
+    assert now[survivor] == before[survivor]  # the survivor kept its socket
+    assert len(now[replacement]) == 1 and now[replacement] != before[victim]
+    assert ready.status_code == 200  # every worker has been ready once: a restart is not a start
+
+
+def test_a_listener_pickles_into_a_socket_of_the_reserved_port():
+    """What uvicorn's supervisor sends each worker: the port, resolved from 0 in the parent,
+    becomes a socket of the same SO_REUSEPORT group when the worker unpickles it."""
+    held, listener = listeners.reserve("127.0.0.1", 0)
+    with held, pickle.loads(pickle.dumps(listener)) as sock:
+        assert listener.port == held.getsockname()[1] != 0
+        assert sock.getsockname() == ("127.0.0.1", listener.port)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+
+
+def test_a_new_server_forgets_the_previous_ones_metrics_and_ready_marks(monkeypatch, tmp_path):
+    for name in ("counter_123.db", f"{workers.MARK}123", "notes.txt"):
+        (tmp_path / name).touch()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert metrics_folder() == str(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
