@@ -144,6 +144,14 @@ def _cpu(stat: Path) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def service_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a test server starts in: this one without its `AE_*` settings, the
+    default model, then `env`."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
+    full_env.update({"AE_MODEL_DIR": str(DEFAULT_MODEL_DIR), **(env or {})})
+    return full_env
+
+
 @contextlib.contextmanager
 def live_server(
     env: dict[str, str] | None = None,
@@ -160,8 +168,7 @@ def live_server(
     fill a pipe buffer and stall the server.
     """
     port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
-    full_env.update({"AE_MODEL_DIR": str(DEFAULT_MODEL_DIR), **(env or {})})
+    full_env = service_env(env)
     command = [*(argv or [sys.executable, "-m", "service"]), "--host", "127.0.0.1"]
     with tempfile.NamedTemporaryFile("w+", prefix="live-server-", suffix=".log") as log:
         proc = subprocess.Popen(

@@ -17,7 +17,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from service import listeners, workers
 from service.__main__ import metrics_folder
-from tests.live import DEFAULT_MODEL_DIR, ESTABLISHED, REPO, held_by, live_server, tcp_sockets
+from tests.live import ESTABLISHED, REPO, held_by, live_server, service_env, tcp_sockets
 from tests.service_client import metric, running
 
 
@@ -82,17 +82,19 @@ def test_connections_opened_together_are_spread_over_the_workers(scene_paths):
     assert min(counts.values()) >= 4, counts
 
 
+def _start(port: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m service` on 127.0.0.1:`port` that is expected not to start, run to its end."""
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.run(command, cwd=REPO, env=service_env(env), capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
 def test_a_port_another_program_listens_on_stops_start_up_with_a_clear_error():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
-        env.update(AE_WORKERS="2", AE_MODEL_DIR=str(DEFAULT_MODEL_DIR))
-        done = subprocess.run(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        done = _start(port, {"AE_WORKERS": "2"})
     assert done.returncode == STARTUP_FAILURE, done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Address already in use" in done.stderr
@@ -139,12 +141,7 @@ def test_a_second_server_on_the_same_port_does_not_start_and_leaves_the_first_al
     shared = {"AE_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     with live_server(shared) as first:
         marks = sorted(p.name for p in tmp_path.glob(f"{workers.MARK}*"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
-        env.update(shared, AE_MODEL_DIR=str(DEFAULT_MODEL_DIR))
-        second = subprocess.run(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(first.port)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        second = _start(first.port, shared)
         assert second.returncode == STARTUP_FAILURE, second.stderr
         assert f"cannot listen on 127.0.0.1:{first.port}" in second.stderr
         assert sorted(p.name for p in tmp_path.glob(f"{workers.MARK}*")) == marks
@@ -156,12 +153,7 @@ def test_a_second_server_on_the_same_port_does_not_start_and_leaves_the_first_al
 def test_a_worker_that_fails_to_start_fails_the_server():
     """uvicorn's supervisor stops when a worker cannot start but exits 0, which a process
     manager would take for a clean stop; the server exits with uvicorn's STARTUP_FAILURE."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AE_")}
-    env.update(AE_WORKERS="2", AE_MODEL_DIR="/nonexistent/models")
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = _start(0, {"AE_WORKERS": "2", "AE_MODEL_DIR": "/nonexistent/models"})
     assert done.returncode == STARTUP_FAILURE, done.stderr[-2000:]
 
 
