@@ -8,7 +8,9 @@ which is what stops the uploads, is set when `aecore` is imported (aecore/__init
 
 from __future__ import annotations
 
+import math
 import os
+import posixpath
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,12 +35,100 @@ def telemetry_off() -> None:
         disable()
 
 
-def default_threads() -> int:
-    """Intra-op threads: the cores this process may use (cgroup/affinity aware on Linux)."""
+def default_threads(root: Path = Path("/")) -> int:
+    """Threads to size compute by: the cores this process may use, the smaller of its CPU
+    affinity and its cgroup's CPU quota (see `usable_cores`)."""
+    return usable_cores(root)[0]
+
+
+def usable_cores(root: Path = Path("/")) -> tuple[int, str]:
+    """The cores this process may use, and how that was found, for a start-up log line:
+    `(2, "cgroup v2 cpu.max 2 (affinity 64)")`, `(16, "affinity 16 (no CPU quota)")`.
+
+    Affinity alone counts a node's cores: a pod limited to 2 CPUs on a 64-core node sees 64,
+    and 64 busy threads there are throttled, not faster. The quota (cgroup v2 `cpu.max`, v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`, the smallest along the process's cgroup and its
+    ancestors) is rounded up to whole cores. `root` is where /proc and /sys are (tests).
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        affinity, counted = len(os.sched_getaffinity(0)), "affinity"
+    except AttributeError:  # not Linux: no affinity, no cgroups
+        return max(1, os.cpu_count() or 1), "cpu_count"
+    affinity = max(1, affinity)
+    quota = cgroup_cpu_quota(root)
+    if quota is None:
+        return affinity, f"{counted} {affinity} (no CPU quota)"
+    cpus, source = quota
+    cores = max(1, math.ceil(cpus))
+    if cores < affinity:
+        return cores, f"{source} {cpus:g} ({counted} {affinity})"
+    return affinity, f"{counted} {affinity} ({source} {cpus:g})"
+
+
+def cgroup_cpu_quota(root: Path = Path("/")) -> tuple[float, str] | None:
+    """The CPU quota of this process's cgroup in CPUs (e.g. 1.5) and which file said so
+    ("cgroup v2 cpu.max", "cgroup v1 cpu.cfs_quota_us"); None without a quota, or where the
+    files are missing or unreadable (no cgroups, another OS: the affinity then decides)."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    found: list[tuple[float, str]] = []
+    for line in lines:  # "hierarchy-id:controllers:path"; v2's is "0::/path"
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            mount, read, source = root / "sys/fs/cgroup", _v2_quota, "cgroup v2 cpu.max"
+        elif "cpu" in controllers.split(","):
+            # Mounted under the controllers' names ("cpu,cpuacct"), with "cpu" often a link.
+            mount = root / "sys/fs/cgroup" / controllers
+            if not mount.is_dir():
+                mount = root / "sys/fs/cgroup/cpu"
+            read, source = _v1_quota, "cgroup v1 cpu.cfs_quota_us"
+        else:
+            continue
+        for folder in _cgroup_folders(mount, path):
+            cpus = read(folder)
+            if cpus is not None:
+                found.append((cpus, source))
+    return min(found, default=None)
+
+
+def _cgroup_folders(mount: Path, path: str) -> list[Path]:
+    """The process's cgroup folder under `mount` and its ancestors up to `mount`, where a
+    quota set higher up also binds. Only `mount` itself when the path is not visible there:
+    in a container, /proc/self/cgroup may name the host's path while the container's own
+    cgroup is mounted at the root."""
+    relative = posixpath.normpath("/" + path.strip()).lstrip("/")  # no ".." past the mount
+    folders = [mount]
+    if relative:
+        parts = relative.split("/")
+        nested = [mount.joinpath(*parts[:i]) for i in range(len(parts), 0, -1)]
+        if nested[0].is_dir():
+            folders = [*nested, mount]
+    return folders
+
+
+def _v2_quota(folder: Path) -> float | None:
+    """cpu.max: "max 100000" is no quota, "150000 100000" is 1.5 CPUs."""
+    try:
+        fields = (folder / "cpu.max").read_text().split()
+        if fields and fields[0] == "max":
+            return None
+        quota, period = int(fields[0]), int(fields[1])
+    except (OSError, ValueError, IndexError):  # missing, or not what the kernel writes
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    """cpu.cfs_quota_us over cpu.cfs_period_us, in microseconds; a quota of -1 is none."""
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def gpu_provider_options(
