@@ -2,11 +2,14 @@
 preprocessed tensors), latents (JSON or .npy), and the other parameters.
 
 Limits (image count, pixels) are checked before anything is decoded; the body-size limit is
-enforced while the body streams in (see `service.limits`).
+enforced while the body streams in (see `service.limits`). A `.npy` body's rank, channels and
+dtype are checked before its rows are counted as images. Large JSON and `.npy` bodies are
+parsed in a worker thread, so the event loop keeps answering meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -14,8 +17,9 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from tokenize import TokenError
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -27,6 +31,13 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from aecore.preprocessing import ImageDecodeError, ImageSpec, ImageTooLargeError, to_float
 from service import errors
 from service.responses import NPY
+
+T = TypeVar("T")
+
+# Bodies larger than this are parsed in a worker thread: orjson, base64 and np.load take
+# milliseconds per MiB, during which the event loop would answer no one (probes included).
+# Smaller ones are parsed inline, where the thread hop would cost more than the parse.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 @dataclass
@@ -55,8 +66,18 @@ def wants_npy(request: Request) -> bool:
     return NPY in request.headers.get("accept", "").lower()
 
 
+async def parse_off_loop(body: bytes, parse: Callable[[bytes], T]) -> T:
+    """`parse(body)`: in a worker thread when the body is over OFF_LOOP_BYTES, else inline."""
+    if len(body) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(parse, body)
+    return parse(body)
+
+
 async def read_json(request: Request) -> dict[str, Any]:
-    body = await request.body()
+    return await parse_off_loop(await request.body(), _json_object)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -104,8 +125,10 @@ async def _form(request: Request, max_images: int) -> Parsed:
     return Parsed(images or None, None, fields, form=True)
 
 
-async def _json(request: Request, max_images: int, accept_latents: bool) -> Parsed:
-    payload = await read_json(request)
+def _json(body: bytes, max_images: int, accept_latents: bool) -> Parsed:
+    """A JSON body, parsed, its base64 images decoded and its latents made an array: the
+    costly steps, in one function so that a large body takes one thread hop for all."""
+    payload = _json_object(body)
     for key in ("images", "latents"):
         if key in payload and payload[key] is None:  # the document has no null; nor do we
             raise errors.InvalidRequest(f"`{key}` is null; leave it out or send a list")
@@ -136,14 +159,13 @@ async def parse_body(
     if kind == "multipart/form-data":
         return await _form(request, max_images)
     if kind == "application/json":
-        return await _json(request, max_images, latents)
+        parse = partial(_json, max_images=max_images, accept_latents=latents)
+        return await parse_off_loop(await request.body(), parse)
     if kind == NPY and latents:
-        return Parsed(None, validate_latents(_npy(await request.body(), errors.InvalidLatents)), {})
+        return await parse_off_loop(await request.body(), _npy_latents)
     if kind == NPY and raw_images:
-        tensors = _npy(await request.body(), errors.InvalidTensor)
-        if tensors.ndim == 4:  # [N, H, W, 3]; any other shape is refused by its check
-            _check_count(len(tensors), max_images)
-        return Parsed(None, None, {}, tensors=tensors)
+        parse = partial(_npy_images, max_images=max_images)
+        return await parse_off_loop(await request.body(), parse)
     if kind.startswith("image/") and raw_images:
         body = await request.body()
         if not body:
@@ -157,6 +179,18 @@ async def parse_body(
     raise errors.UnsupportedMediaType(
         f"Content-Type {kind or '(none)'!r} is not supported; send {accepted}"
     )
+
+
+def _npy_latents(body: bytes) -> Parsed:
+    return Parsed(None, validate_latents(_npy(body, errors.InvalidLatents)), {})
+
+
+def _npy_images(body: bytes, max_images: int) -> Parsed:
+    """A .npy of images: what it is (rank, channels, dtype) before how many, so that an array
+    of another shape is never counted as images (1,000 numbers are not 1,000 images)."""
+    tensors = check_tensors(_npy(body, errors.InvalidTensor))
+    _check_count(len(tensors), max_images)
+    return Parsed(None, None, {}, tensors=tensors)
 
 
 def require_images(parsed: Parsed) -> Parsed:
@@ -247,24 +281,39 @@ def _npy(body: bytes, error: type[errors.ApiError]) -> np.ndarray:
     return array
 
 
+def check_tensors(array: np.ndarray, spec: ImageSpec | None = None) -> np.ndarray:
+    """`array` when it can be client-preprocessed images: [N >= 1, H, W, 3], uint8 or float32
+    (either byte order), and with `spec` the model's H and W; else 422 `invalid_tensor`."""
+    shape = list(array.shape)
+    size = (*spec.shape[:2], 3) if spec is not None else ("H", "W", 3)
+    layout = ", ".join(map(str, size))
+    wrong_size = spec is not None and tuple(shape[1:]) != spec.shape
+    if array.ndim != 4 or shape[0] == 0 or shape[3] != 3 or wrong_size:
+        hint = ""
+        if array.ndim == 3 and shape[2] == 3:  # the commonest slip: one image, no batch axis
+            hint = f"; for one image add the batch dimension: {[1, *shape]}"
+        raise errors.InvalidTensor(
+            f"image tensors must be [N, {layout}] (NHWC, RGB, N >= 1), got shape {shape}{hint}"
+        )
+    float32 = array.dtype.kind == "f" and array.dtype.itemsize == 4
+    if array.dtype != np.uint8 and not float32:
+        raise errors.InvalidTensor(f"image tensors must be uint8 or float32, got {array.dtype}")
+    return array
+
+
 def validate_tensors(array: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """Client-preprocessed images -> float32 [N, H, W, 3] in [0, 1], as `load_image` makes.
 
     uint8 is scaled exactly as the service's own preprocessing does; float32 must already be
     in [0, 1]. The size must be the model's: resizing is the client's side of the bargain.
     """
-    if array.ndim != 4 or array.shape[0] == 0 or tuple(array.shape[1:]) != spec.shape:
-        raise errors.InvalidTensor(
-            f"image tensors must be [N, {', '.join(map(str, spec.shape))}] (NHWC, RGB), "
-            f"got shape {list(array.shape)}"
-        )
+    check_tensors(array, spec)
     if array.dtype == np.uint8:
         return to_float(array)
-    if array.dtype != np.float32:
-        raise errors.InvalidTensor(f"image tensors must be uint8 or float32, got {array.dtype}")
+    array = np.ascontiguousarray(array, np.float32)  # native byte order, C order
     if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
         raise errors.InvalidTensor("float32 image tensors must be finite and in [0, 1]")
-    return np.ascontiguousarray(array)
+    return array
 
 
 def decode_into(
