@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.handlers.ui import STATIC
+from service.handlers.ui import CONTENT_SECURITY_POLICY, STATIC
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
 from tests.live import live_server
 from tests.service_client import running
@@ -91,10 +91,21 @@ def keyed_server(browser):
         yield live.base
 
 
+def _csp_violations(page) -> list[str]:
+    """What the page's Content-Security-Policy blocked, as Chromium reports it on the console."""
+    blocked: list[str] = []
+    page.on(
+        "console",
+        lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None,
+    )
+    return blocked
+
+
 @pytest.fixture
 def new_page(browser):
-    """A factory of pages in fresh contexts; JavaScript exceptions fail the test."""
-    contexts, js_errors = [], []
+    """A factory of pages in fresh contexts; JavaScript exceptions and anything the page's
+    Content-Security-Policy blocks fail the test (the page must work under its own policy)."""
+    contexts, js_errors, blocked = [], [], []
 
     def make():
         context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -102,12 +113,14 @@ def new_page(browser):
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+        blocked.append(_csp_violations(page))
         return page
 
     yield make
     for context in contexts:
         context.close()
     assert not js_errors, f"JavaScript errors on the page: {js_errors}"
+    assert not any(blocked), f"blocked by the page's Content-Security-Policy: {blocked}"
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +251,48 @@ def test_upload_score_heatmap_interpolate_model_card_and_screenshot(
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_the_policy_blocks_injected_script_and_styles(browser, server):
+    """What the Content-Security-Policy is for: markup injected into the page runs no code.
+    (`page.evaluate` itself is the debugger's, which no page policy governs.)"""
+    context = browser.new_context()
+    # Before any of the page's code; init scripts are the browser's, not the page's.
+    context.add_init_script(
+        "window.violations = [];"
+        "document.addEventListener('securitypolicyviolation',"
+        " e => window.violations.push(e.effectiveDirective));"
+    )
+    try:
+        page = context.new_page()
+        reply = page.goto(server + "/")
+        assert reply.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        page.wait_for_selector("#model-card[data-state='done']")  # the page's own script ran
+        assert page.evaluate("window.violations") == []
+        page.evaluate(
+            """() => {
+                const script = document.createElement("script");
+                script.textContent = "window.injected = 'inline script'";
+                document.head.append(script);
+                const img = document.createElement("img");
+                img.setAttribute("onerror", "window.injected = 'event handler'");
+                img.src = "/no-such-image";
+                document.body.append(img);
+                const p = '<p id="styled" style="color: rgb(255, 0, 0)">injected</p>';
+                document.body.insertAdjacentHTML("beforeend", p);
+            }"""
+        )
+        page.wait_for_function("() => window.violations.length >= 3")
+        assert set(page.evaluate("window.violations")) == {
+            "script-src-elem",
+            "script-src-attr",
+            "style-src-attr",
+        }
+        assert page.evaluate("window.injected") is None
+        color = page.eval_on_selector("#styled", "e => getComputedStyle(e).color")
+        assert color != "rgb(255, 0, 0)"
+    finally:
+        context.close()
 
 
 def test_dropped_files_are_scored(new_page, server, one_per_class):
@@ -418,10 +473,17 @@ async def _page_and_assets():
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
         assert 'src="/static/app.js"' in page.text
+        assert page.headers["x-content-type-options"] == "nosniff"
+        policy = dict(
+            d.strip().split(" ", 1) for d in page.headers["content-security-policy"].split(";")
+        )
+        assert policy["script-src"] == policy["style-src"] == "'self'"  # no inline code
+        assert policy["frame-ancestors"] == "'none'"
         for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
             reply = await client.get(f"/static/{name}")
             assert reply.status_code == 200
             assert reply.headers["content-type"].startswith(kind)
+            assert reply.headers["x-content-type-options"] == "nosniff"
             assert reply.content == (STATIC / name).read_bytes()
         for path in ("/static/nothing.js", "/static/..%2Fapp.py", "/static/%2E%2E", "/static/"):
             reply = await client.get(path)
@@ -488,8 +550,9 @@ def test_denoise_section_adds_noise_and_shows_the_psnr(new_page, server, one_per
     page.set_input_files("#denoise-file", str(one_per_class[2]))  # picking starts the request
     page.wait_for_selector("#denoise-out[data-state='done']")
     assert page.locator("#denoise-out img").count() == 3  # original, noisy, cleaned
+    # Predicates are functions: a bare expression is eval()'d, which the page's policy forbids.
     page.wait_for_function(
-        "[...document.querySelectorAll('#denoise-out img')].every(i => i.naturalWidth === 128)"
+        "() => [...document.querySelectorAll('#denoise-out img')].every(i => i.naturalWidth === 128)"
     )
     noisy = float(page.get_attribute("#denoise-out", "data-psnr-noisy"))
     cleaned = float(page.get_attribute("#denoise-out", "data-psnr-cleaned"))
@@ -500,7 +563,7 @@ def test_denoise_section_adds_noise_and_shows_the_psnr(new_page, server, one_per
     page.fill("#denoise-sigma", "0")  # the upload itself: no clean reference, no PSNR
     page.click("#denoise-run")
     page.wait_for_function(
-        "(o => o.dataset.state === 'done' && o.querySelectorAll('img').length === 2)"
+        "() => (o => o.dataset.state === 'done' && o.querySelectorAll('img').length === 2)"
         "(document.querySelector('#denoise-out'))"
     )
     assert page.get_attribute("#denoise-out", "data-psnr-cleaned") == ""

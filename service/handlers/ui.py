@@ -20,6 +20,26 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 _ASSET_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
 _FIGURE_TYPES = {".png": "image/png"}
 _NO_CACHE = {"Cache-Control": "no-cache"}  # revalidate: a redeploy shows the new page
+# Browsers must not guess a type: a response is only what its Content-Type says.
+_ASSET_HEADERS = {**_NO_CACHE, "X-Content-Type-Options": "nosniff"}
+# What the page itself needs, nothing more: its own script and style (no inline code), the
+# images it shows (its own figures, base64 PNGs from the API as data: URLs, uploads as blob:
+# URLs), fetch() to the API and of the data: URL it turns a noisy canvas into. Injected markup
+# can then run no script, and no other site can frame the page.
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data: blob:",
+        "connect-src 'self' data:",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
+_PAGE_HEADERS = {**_ASSET_HEADERS, "Content-Security-Policy": CONTENT_SECURITY_POLICY}
 
 router = APIRouter(tags=["operations"])
 
@@ -54,13 +74,14 @@ def _listed(folder: Path, name: str, types: dict[str, str]) -> Path:
 
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html", headers=_NO_CACHE)
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers=_PAGE_HEADERS)
 
 
 @router.get("/static/{name}", include_in_schema=False)
 async def asset(name: str) -> FileResponse:
     path = _listed(STATIC, name, _ASSET_TYPES)
-    return FileResponse(path, media_type=_ASSET_TYPES[path.suffix.lower()], headers=_NO_CACHE)
+    media_type = _ASSET_TYPES[path.suffix.lower()]
+    return FileResponse(path, media_type=media_type, headers=_ASSET_HEADERS)
 
 
 @router.get(
