@@ -655,6 +655,38 @@ def test_kubernetes_deployment_wiring():
     assert metric["resource"]["target"]["type"] == "Utilization"
 
 
+def drain_seconds() -> int:
+    """How long the server drains after SIGTERM: uvicorn's timeout_graceful_shutdown."""
+    main = (REPO / "service" / "__main__.py").read_text()
+    match = re.search(r"timeout_graceful_shutdown=(\d+)", main)
+    assert match, "service/__main__.py sets timeout_graceful_shutdown otherwise: update this test"
+    return int(match.group(1))
+
+
+def test_pods_leave_the_service_before_sigterm_and_drain_within_the_grace_period(compose):
+    deployment = read_yaml(K8S / "deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # Kubernetes' sleep action (beta and on by default from 1.30): nothing from the image.
+    assert Version(K8S_VERSION) >= Version("1.30")
+    sleep_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 3 <= sleep_s <= 15  # endpoints have time to update; rollouts are not held up long
+    # The grace period runs from the start of preStop: the sleep, the drain, then the shutdown.
+    drain_s = drain_seconds()
+    assert pod["terminationGracePeriodSeconds"] >= sleep_s + drain_s + 5
+    for name in ("api", "api-cpu"):  # Compose has no preStop, only the drain to wait for
+        grace = re.fullmatch(r"(\d+)s", compose["services"][name]["stop_grace_period"])
+        assert grace and int(grace.group(1)) >= drain_s + 5, name
+
+    # The schema knows the action: a misspelt one does not pass unnoticed.
+    typo = copy.deepcopy(deployment)
+    typo["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"] = {
+        "sleep": {"second": sleep_s}
+    }
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, K8S_VERSION, strict=True)
+
+
 def test_kustomization_lists_every_manifest_and_the_image():
     kustomization = read_yaml(K8S / "kustomization.yaml")
     assert sorted(kustomization["resources"]) == [p.name for p in k8s_manifests()]
