@@ -285,10 +285,10 @@ def check_tensors(array: np.ndarray, spec: ImageSpec | None = None) -> np.ndarra
     """`array` when it can be client-preprocessed images: [N >= 1, H, W, 3], uint8 or float32
     (either byte order), and with `spec` the model's H and W; else 422 `invalid_tensor`."""
     shape = list(array.shape)
-    size = (*spec.shape[:2], 3) if spec is not None else ("H", "W", 3)
+    size = spec.shape if spec is not None else ("H", "W", 3)
     layout = ", ".join(map(str, size))
-    wrong_size = spec is not None and tuple(shape[1:]) != spec.shape
-    if array.ndim != 4 or shape[0] == 0 or shape[3] != 3 or wrong_size:
+    wrong_size = array.ndim == 4 and (shape[3] != 3 if spec is None else tuple(shape[1:]) != size)
+    if array.ndim != 4 or shape[0] == 0 or wrong_size:
         hint = ""
         if array.ndim == 3 and shape[2] == 3:  # the commonest slip: one image, no batch axis
             hint = f"; for one image add the batch dimension: {[1, *shape]}"
