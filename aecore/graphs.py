@@ -51,18 +51,18 @@ def usable_cores(root: Path = Path("/")) -> tuple[int, str]:
     ancestors) is rounded up to whole cores. `root` is where /proc and /sys are (tests).
     """
     try:
-        affinity, counted = len(os.sched_getaffinity(0)), "affinity"
+        affinity = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux: no affinity, no cgroups
-        return max(1, os.cpu_count() or 1), "cpu_count"
-    affinity = max(1, affinity)
+        count = max(1, os.cpu_count() or 1)
+        return count, f"cpu_count {count}"
     quota = cgroup_cpu_quota(root)
     if quota is None:
-        return affinity, f"{counted} {affinity} (no CPU quota)"
+        return affinity, f"affinity {affinity} (no CPU quota)"
     cpus, source = quota
     cores = max(1, math.ceil(cpus))
     if cores < affinity:
-        return cores, f"{source} {cpus:g} ({counted} {affinity})"
-    return affinity, f"{counted} {affinity} ({source} {cpus:g})"
+        return cores, f"{source} {cpus:g} (affinity {affinity})"
+    return affinity, f"affinity {affinity} ({source} {cpus:g})"
 
 
 def cgroup_cpu_quota(root: Path = Path("/")) -> tuple[float, str] | None:
