@@ -26,13 +26,14 @@ class Denoiser(ModelFolder):
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
         verify: bool = True,
+        provider_options: list[dict[str, str]] | None = None,
     ) -> None:
         super().__init__(folder, intra_op_threads, verify)
         if TASK not in manifest.tasks(self.manifest):
             raise manifest.ModelFolderError(
                 f"{self.folder} serves {manifest.tasks(self.manifest)}, not {TASK!r}"
             )
-        self.session = self._open(self.manifest["files"]["denoiser"], providers)
+        self.session = self._open(self.manifest["files"]["denoiser"], providers, provider_options)
         graph_input = self.session.get_inputs()[0]
         if list(graph_input.shape[1:]) != list(self.spec.shape):
             raise manifest.ModelFolderError(

@@ -30,7 +30,11 @@ def versions(model_root: Path) -> list[int]:
     """The positive integer versions under `models/<name>/`, ascending."""
     if not model_root.is_dir():
         return []
-    found = [int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit()]
+    found = [
+        int(p.name)
+        for p in model_root.iterdir()
+        if p.is_dir() and p.name.isascii() and p.name.isdigit()
+    ]
     return sorted(v for v in found if v > 0)
 
 

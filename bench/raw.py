@@ -69,7 +69,7 @@ def images(folder, seconds: float) -> dict:
     blobs = [p.read_bytes() for p in scene_jpegs()]
     one = request_jpeg().read_bytes()
     single = repeat(lambda: [load_image(b, spec) for b in blobs], seconds)
-    threads = max(2, default_threads())  # the service's decode pool (service.runtime)
+    threads = default_threads()  # the decode pool of one service process (service.engine.threads)
     with ThreadPoolExecutor(threads) as pool:
         pooled = repeat(lambda: list(pool.map(lambda b: load_image(b, spec), blobs)), seconds)
     request_image = repeat(lambda: load_image(one, spec), seconds / 2, min_calls=50)

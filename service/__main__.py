@@ -10,19 +10,26 @@ import sys
 import tempfile
 
 import uvicorn
+from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from service import listeners, workers
 from service.app import create_app
 from service.logs import log_config
+from service.repository import control
 from service.settings import get_settings
 
 log = logging.getLogger("uvicorn.error")
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:  # a setting the server must not start with: say which
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                             for e in exc.errors())  # fmt: skip
+        sys.exit(f"convae-serve will not start: {problems}")
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
@@ -68,12 +75,13 @@ def share_folder() -> None:
 
 def metrics_folder() -> str:
     """The operator's PROMETHEUS_MULTIPROC_DIR, emptied (stale samples of a previous run
-    would be summed in, and its workers' ready marks counted), or a new temporary folder."""
+    would be summed in, its workers' ready marks counted and its model control applied), or a
+    new temporary folder."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
         return tempfile.mkdtemp(prefix="convae-metrics-")
     os.makedirs(folder, exist_ok=True)
-    for pattern in ("*.db", f"{workers.MARK}*"):
+    for pattern in ("*.db", f"{workers.MARK}*", control.FILE):
         for stale in glob.glob(os.path.join(folder, pattern)):
             os.remove(stale)
     return folder

@@ -1,7 +1,14 @@
-"""The FastAPI application: settings, lifespan (load, warm up, drain), middleware, routers."""
+"""The FastAPI application: settings, lifespan (load, warm up, drain), middleware, routers.
+
+The layers, outermost first: protocol routes (`service.routes`: the REST API, the Open
+Inference Protocol, the repository API) -> the data plane (`service.dataplane`: readiness,
+leases, admission, decoding, batching) -> the model repository (`service.repository`: which
+versions serve) -> the engine (`service.engine`: sessions and batchers of one version).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -12,8 +19,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors, openapi
-from service.handlers import (
+from service import errors, openapi, workers
+from service.dataplane.plane import DataPlane
+from service.engine.threads import thread_budget
+from service.limits import Admission, BodySizeLimit
+from service.metrics import Metrics
+from service.repository.control import SharedState
+from service.repository.repository import Repository
+from service.request_id import RequestId
+from service.routes import (
     anomaly,
     decode,
     denoise,
@@ -26,10 +40,6 @@ from service.handlers import (
     ui,
     v2,
 )
-from service.limits import Admission, BodySizeLimit
-from service.metrics import Metrics
-from service.request_id import RequestId
-from service.runtime import Runtime
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("service")
@@ -64,7 +74,7 @@ class RequestMetrics:
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
 
 
-def _unready_on_exit_signals(runtime: Runtime) -> Callable[[], None]:
+def _unready_on_exit_signals(plane: DataPlane) -> Callable[[], None]:
     """Turn /readyz to 503 the moment SIGTERM or SIGINT arrives; returns what undoes this.
 
     uvicorn installs its exit handlers before the lifespan starts; on a signal it stops
@@ -81,7 +91,7 @@ def _unready_on_exit_signals(runtime: Runtime) -> Callable[[], None]:
             continue  # no Python handler (the default ends the process): nothing to chain
 
         def handler(signum, frame, server_handler=server_handler):
-            runtime.ready = False
+            plane.accepting = False
             server_handler(signum, frame)
 
         signal.signal(sig, handler)
@@ -95,22 +105,43 @@ def _unready_on_exit_signals(runtime: Runtime) -> Callable[[], None]:
     return restore
 
 
+FOLLOW_S = 1.0  # how soon every worker process applies a load or unload made through another
+
+
+def _follow(repository: Repository, settings: Settings) -> asyncio.Task | None:
+    """Follow the model folder (AE_MODEL_POLL_S, AE_MODEL_CONTROL=poll) and, with several
+    worker processes, the control state they share."""
+    state_s = FOLLOW_S if repository.shared.path is not None else 0.0
+    if not (settings.poll_s or state_s):
+        return None
+    loop = asyncio.get_running_loop()
+    return loop.create_task(repository.follow(settings.poll_s, state_s), name="repository-follow")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runtime = Runtime(settings, metrics)
-        runtime.on_change.append(lambda: setattr(app, "openapi_schema", None))  # redescribe
-        await runtime.load()  # a missing model or AE_REQUIRE_GPU without a GPU stops start-up
-        app.state.runtime = runtime
-        restore_signals = _unready_on_exit_signals(runtime)
+        threads = thread_budget(settings)
+        repository = Repository(settings, metrics, SharedState.for_this_server(), threads[0])
+        repository.on_change.append(lambda: setattr(app, "openapi_schema", None))  # redescribe
+        plane = DataPlane(settings, metrics, repository, threads[1])
+        # A missing default model or AE_REQUIRE_GPU without a GPU stops start-up.
+        await repository.start()
+        app.state.plane = plane
+        following = _follow(repository, settings)
+        plane.accepting = True
+        workers.mark_ready()  # uvicorn listens a moment later: harmless at probe intervals
+        restore_signals = _unready_on_exit_signals(plane)
         try:
             yield
         finally:
             restore_signals()
-            await runtime.close()
+            if following is not None:
+                following.cancel()
+            await plane.close()
             metrics.worker_exited()
 
     app = FastAPI(
@@ -122,7 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.runtime = None
+    app.state.plane = None
     errors.install(app)
     openapi.install(app, settings)
     routers = (encode, decode, reconstruct, anomaly, interpolate, generate, denoise, health, ui,

@@ -30,7 +30,12 @@ class BodySizeLimit:
             return
         limit = self.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if (
+            declared is not None
+            and declared.isascii()
+            and declared.isdigit()
+            and int(declared) > limit
+        ):
             response = error_response(
                 413,
                 "payload_too_large",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from prometheus_client import (
     CollectorRegistry,
@@ -12,6 +13,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from service import workers
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCHER_LABELS = ["model", "version", "part"]
@@ -80,6 +83,7 @@ class Metrics:
         folder = multiprocess_dir()
         if folder is None:
             return generate_latest(self.registry)
+        _forget_dead_workers(folder)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=folder)
         return generate_latest(registry)
@@ -89,3 +93,14 @@ class Metrics:
         """Drop this worker's live gauges from the sum (prometheus-client's cleanup)."""
         if multiprocess_dir() is not None:
             multiprocess.mark_process_dead(os.getpid())
+
+
+_LIVE_GAUGE = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
+
+
+def _forget_dead_workers(folder: str) -> None:
+    """Drop the live gauges of worker processes that died without cleaning up (killed by the
+    OOM killer, SIGKILL): a dead worker has no queue, so its last depth must leave the sums."""
+    for name in os.listdir(folder):
+        if (match := _LIVE_GAUGE.match(name)) and not workers.alive(int(match.group(1))):
+            multiprocess.mark_process_dead(int(match.group(1)), folder)

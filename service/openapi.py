@@ -15,6 +15,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.errors import ApiError
+from service.repository.repository import Repository
+from service.routes.dependencies import TASKS
+from service.routes.v2 import v2_names
 from service.settings import Settings
 
 FLOAT32_MAX = 3.4028234663852886e38  # latents are float32: larger numbers are refused
@@ -30,23 +34,45 @@ def install(app: FastAPI, settings: Settings) -> None:
         spec = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
-        runtime = app.state.runtime
-        served = runtime.repository.served if runtime is not None else {}
-        model = runtime.default().model if runtime is not None and runtime.ready else None
-        constrain(spec, settings, model, served)
-        if model is not None:  # final until the repository changes (runtime.on_change)
+        plane = app.state.plane
+        repository = plane.repository if plane is not None else None
+        model = _default(repository)
+        constrain(spec, settings, model, repository)
+        if model is not None:  # final until the repository changes (Repository.on_change)
             app.openapi_schema = spec
         return spec
 
     app.openapi = openapi
 
 
+def _default(repository: Repository | None) -> Any | None:
+    """The default model's runner, once it serves."""
+    try:
+        return repository.resolve(None, None).model if repository is not None else None
+    except ApiError:
+        return None
+
+
+def _serving(repository: Repository | None, task: str | None) -> list[str]:
+    """The served models that declare `task` (any task: every served model)."""
+    names = []
+    for name, versions in (repository.served if repository is not None else {}).items():
+        if task is None or task in versions[max(versions)].tasks:
+            names.append(name)
+    return sorted(names)
+
+
+def _enum(parameter: dict[str, Any], names: list[str]) -> None:
+    if names:  # an empty enum would admit nothing: leave the plain string
+        parameter["schema"] = {"type": "string", "enum": names}
+
+
 def constrain(
-    spec: dict[str, Any], settings: Settings, model: Any | None, served: dict | None = None
+    spec: dict[str, Any], settings: Settings, model: Any | None, repository: Repository | None
 ) -> None:
     """`model` is the default model (its latent length and scorers describe the bodies);
-    `served` maps every served model to its versions (the `model` and V2 name enums)."""
-    served = served or {}
+    `repository` what serves (the `model` and V2 name enums)."""
+    served = repository.served if repository is not None else {}
     limits = _Limits(settings, model)
     for path, item in spec["paths"].items():
         for operation in item.values():
@@ -66,15 +92,12 @@ def constrain(
                 if parameter["name"] == "scorer":
                     parameter["schema"] = {"type": "string", "enum": model.scorers.names}
                 elif path.startswith("/v2/models/") and parameter["name"] == "name":
-                    graphs = [
-                        f"{n}-{part}" for n in sorted(served) for part in ("encoder", "decoder")
-                    ]
-                    parameter["schema"] = {"type": "string", "enum": graphs}
+                    _enum(parameter, v2_names(repository) if repository is not None else [])
                 elif path.startswith("/v2/models/") and parameter["name"] == "version":
                     versions = sorted({v for vs in served.values() for v in vs})
                     parameter["schema"] = {"type": "string", "enum": [str(v) for v in versions]}
-                elif parameter["name"] == "model" and parameter["in"] == "query":
-                    parameter["schema"] = {"type": "string", "enum": sorted(served)}
+                elif parameter["in"] == "query" and parameter["name"] == "model":
+                    _enum(parameter, _serving(repository, TASKS.get(path)))
     if settings.api_key is None:
         spec.get("components", {}).pop("securitySchemes", None)
 

@@ -1,6 +1,6 @@
 """Request and response schemas, for /docs and the OpenAPI document.
 
-Bodies are parsed by `service.inputs` (they come as multipart, JSON or .npy), so the request
+Bodies are parsed by `service.dataplane.inputs` (they come as multipart, JSON or .npy), so the request
 schemas are attached to the routes through `openapi_extra`.
 """
 

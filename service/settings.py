@@ -6,10 +6,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.policy import check_policy
+from service.repository.policy import check_policy
 
 
 class Settings(BaseSettings):
@@ -25,8 +25,14 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     version_policy: str = "latest:1"
     version_policies: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
-    model_poll_s: float = Field(default=0.0, ge=0)  # 0: no polling; the repository API reloads
-    # The denoiser served beside it at /denoise: models/<name>/<highest version>; "" disables.
+    model_poll_s: float = Field(default=0.0, ge=0)  # 0: no polling of the folder
+    # What may change the served models while the server runs, as Triton's model control modes:
+    # `none` (the repository API only reads; the folder is followed if AE_MODEL_POLL_S is set),
+    # `poll` (the folder is followed every AE_MODEL_POLL_S, 15 s when unset), `explicit`
+    # (`POST /v2/repository/models/{name}/load|unload` too, which needs AE_API_KEY).
+    model_control: Literal["none", "poll", "explicit"] = "none"
+    # The model /denoise answers with when a request names none (it must declare the
+    # `denoise` task); "": requests must name one (`?model=`).
     denoise_model: str = "intel-scenes-denoise"
 
     # Execution providers in priority order, comma-separated (e.g. "CUDAExecutionProvider,
@@ -72,6 +78,22 @@ class Settings(BaseSettings):
     # One line per request from uvicorn; behind an ingress or proxy that logs requests already,
     # turning it off saves its formatting and write on the event loop (docs/benchmarks.md).
     access_log: bool = True
+
+    @model_validator(mode="after")
+    def _control_needs_key(self) -> Settings:
+        if self.model_control == "explicit" and self.api_key is None:
+            raise ValueError(
+                "AE_MODEL_CONTROL=explicit lets clients load and unload models: set AE_API_KEY "
+                "too (the repository API then requires it), or use AE_MODEL_CONTROL=none or poll"
+            )
+        return self
+
+    @property
+    def poll_s(self) -> float:
+        """How often the model folder is read again; 0: never."""
+        if self.model_control == "poll":
+            return self.model_poll_s or 15.0
+        return self.model_poll_s
 
     @field_validator("models", mode="before")
     @classmethod

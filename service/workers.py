@@ -36,14 +36,20 @@ def ready_workers() -> int:
     where = folder()
     if where is None:
         return 0
-    return sum(_alive(int(mark.name[len(MARK) :])) for mark in Path(where).glob(f"{MARK}*"))
+    return sum(alive(int(mark.name[len(MARK) :])) for mark in Path(where).glob(f"{MARK}*"))
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs: a killed worker stays a zombie until its supervisor reaps
+    it, and a zombie is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, someone else's: not ours, but a pid is not reused that fast
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # not Linux, or gone meanwhile
+        return True
+    return state not in ("Z", "X")

@@ -52,10 +52,10 @@ def multipart(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 
 @contextmanager
-def stalled_inference(runtime, part: str = "encoder"):
+def stalled_inference(plane, part: str = "encoder"):
     """Hold every engine call of the graph until the block exits (a gated `run` injected)."""
     release = threading.Event()
-    batcher = getattr(runtime.default(), part)
+    batcher = plane.repository.resolve(None, None).batchers[part]
     run = batcher.run
 
     def gated(rows):
@@ -70,12 +70,12 @@ def stalled_inference(runtime, part: str = "encoder"):
         batcher.run = run
 
 
-def batches_taken(runtime, part: str = "encoder") -> float:
+def batches_taken(plane, part: str = "encoder") -> float:
     """How many queued items the default model's worker has taken so far (observed when a
     batch starts)."""
-    model = runtime.default().model
+    model = plane.repository.resolve(None, None).model
     labels = {"model": model.name, "version": str(model.version), "part": part}
-    value = runtime.metrics.registry.get_sample_value("ae_queue_wait_seconds_count", labels)
+    value = plane.metrics.registry.get_sample_value("ae_queue_wait_seconds_count", labels)
     return value or 0.0
 
 

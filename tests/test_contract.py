@@ -140,13 +140,13 @@ async def test_the_server_answers_normally_after_the_sweep(client, scene_bytes):
 
 @module_loop
 async def test_interpolate_checks_its_parameters_before_decoding_any_image(client, scene_bytes):
-    runtime = client.app.state.runtime
+    plane = client.app.state.plane
     before = metric((await client.get("/metrics")).text, "ae_batch_size_count", part="encoder")
     # 3 images with `steps`: refused without one image decoded or encoded.
     reply = await client.post("/interpolate", files=multipart(scene_bytes[:3]), data={"steps": "2"})
     after = metric((await client.get("/metrics")).text, "ae_batch_size_count", part="encoder")
     assert reply.status_code == 422 and "exactly two" in reply.json()["error"]["message"]
-    assert after == before and runtime.images_in_flight == 0
+    assert after == before and plane.images_in_flight == 0
     # A broken image with a bad parameter: the parameter is reported, the image never decoded.
     reply = await client.post(
         "/interpolate",
@@ -170,19 +170,19 @@ async def test_too_many_multipart_files_is_413_counted_by_the_service(scene_byte
 @module_loop
 async def test_admission_is_bounded_in_images_in_flight(scene_bytes):
     async with running(max_inflight_images=4, retry_after_s=2) as c:
-        runtime = c.app.state.runtime
-        with stalled_inference(runtime):
+        plane = c.app.state.plane
+        with stalled_inference(plane):
             held = asyncio.create_task(c.post("/encode", files=multipart(scene_bytes[:3])))
-            await wait_until(lambda: runtime.images_in_flight == 3, "three images in flight")
+            await wait_until(lambda: plane.images_in_flight == 3, "three images in flight")
             refused = await c.post("/encode", files=multipart(scene_bytes[3:5]))  # 3 + 2 > 4
             one_more = asyncio.create_task(c.post("/encode", files=multipart(scene_bytes[5:6])))
-            await wait_until(lambda: runtime.images_in_flight == 4, "four images in flight")
+            await wait_until(lambda: plane.images_in_flight == 4, "four images in flight")
         replies = [await held, await one_more]
         after = await c.post("/encode", files=multipart(scene_bytes[3:5]))
     assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
     assert refused.json()["error"]["code"] == "overloaded"
     assert [r.status_code for r in replies] == [200, 200]
-    assert after.status_code == 200 and runtime.images_in_flight == 0
+    assert after.status_code == 200 and plane.images_in_flight == 0
 
 
 @module_loop
@@ -253,7 +253,7 @@ async def test_a_dead_batching_worker_fails_waiting_requests_at_once_and_restart
     scene_bytes, monkeypatch
 ):
     async with running(queue_timeout_s=60) as c:
-        batcher = c.app.state.runtime.default().encoder
+        batcher = c.app.state.plane.repository.resolve(None, None).batchers["encoder"]
         take = batcher._take
         deaths = []
 
@@ -273,7 +273,7 @@ async def test_a_dead_batching_worker_fails_waiting_requests_at_once_and_restart
 @module_loop
 async def test_a_worker_that_keeps_dying_turns_readiness_off(scene_bytes, monkeypatch):
     async with running(queue_timeout_s=60) as c:
-        batcher = c.app.state.runtime.default().encoder
+        batcher = c.app.state.plane.repository.resolve(None, None).batchers["encoder"]
 
         def dying_take():
             raise RuntimeError("always")
@@ -288,7 +288,7 @@ async def test_a_worker_that_keeps_dying_turns_readiness_off(scene_bytes, monkey
 @module_loop
 async def test_an_engine_returning_the_wrong_number_of_rows_fails_that_batch(scene_bytes):
     async with running() as c:
-        batcher = c.app.state.runtime.default().encoder
+        batcher = c.app.state.plane.repository.resolve(None, None).batchers["encoder"]
         run = batcher.run
         batcher.run = lambda rows: run(rows)[:-1]
         # As uvicorn does: the app answers 500 and re-raises for the server to log.

@@ -19,8 +19,13 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
+import httpx
 import hypothesis
 import numpy as np
 import pytest
@@ -28,12 +33,15 @@ import schemathesis
 from hypothesis import strategies as st
 
 from service.app import create_app
+from tests.live import REPO, live_server
 from tests.service_client import running, settings
 
 # Examples per operation and generation mode; FUZZ_EXAMPLES=200 for a longer local run.
 MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
 KEY = "fuzz-key"
-POSITIVE = ["2xx", "401", "404", "429"]
+# 403: the repository API's load/unload with model control off; 409: a refused change (the
+# default model's unload, /generate without a density). schemathesis' CLI expects these too.
+POSITIVE = ["2xx", "401", "403", "404", "409", "429"]
 NEGATIVE = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
 
 
@@ -91,14 +99,22 @@ def config(api_key: str | None) -> schemathesis.Config:
     return schemathesis.Config.from_dict(body)
 
 
-def app_settings(api_key: str | None):
-    return settings(max_images_per_request=4, max_body_bytes=256 * 1024, api_key=api_key)
+# As `make serve` starts; with a key; with a key and the repository API's load and unload on.
+MODES = {"open": {}, "keyed": {"api_key": KEY},
+         "control": {"api_key": KEY, "model_control": "explicit"}}  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=[None, KEY], ids=["open", "keyed"])
+def app_settings(**overrides):
+    return settings(max_images_per_request=4, max_body_bytes=256 * 1024, **overrides)
+
+
+@pytest.fixture(scope="module", params=list(MODES))
 def api_schema(request):
-    app = create_app(app_settings(request.param))
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config(request.param))
+    mode = MODES[request.param]
+    app = create_app(app_settings(**mode))
+    schema = schemathesis.openapi.from_asgi(
+        "/openapi.json", app, config=config(mode.get("api_key"))
+    )
     yield schema
     from schemathesis.python import asgi
 
@@ -147,7 +163,7 @@ async def test_security_is_declared_only_where_a_key_is_required():
 async def test_constraints_come_from_the_settings_and_the_loaded_model():
     async with running(max_images_per_request=5, max_interpolation_steps=7) as c:
         spec = (await c.get("/openapi.json")).json()
-        model = c.app.state.runtime.default().model
+        model = c.app.state.plane.repository.resolve(None, None).model
     paths = spec["paths"]
     for path in ("/encode", "/reconstruct", "/anomaly-score"):
         body = paths[path]["post"]["requestBody"]["content"]
@@ -178,3 +194,27 @@ def test_metrics_are_documented_as_text_and_probes_with_their_errors():
     assert {"401", "503"} <= set(paths["/model"]["get"]["responses"])
     assert "503" in paths["/readyz"]["get"]["responses"]
     assert "429" in paths["/encode"]["post"]["responses"]
+
+
+# -- the schemathesis CLI, as a user runs it, against a live server -------------------------
+
+
+@pytest.mark.parametrize("mode", ["open", "control"])
+def test_the_schemathesis_cli_finds_no_failure_on_a_live_server(mode):
+    """`st run URL/openapi.json --checks all` from the repository (so with schemathesis.toml)
+    against `python -m service`: as it starts by default, and with explicit model control and
+    the key. Every route is tested, the repository's load and unload among them, and the
+    default model still serves at the end."""
+    env = {} if mode == "open" else {"AE_API_KEY": KEY, "AE_MODEL_CONTROL": "explicit"}
+    command = [str(Path(sys.executable).parent / "st"), "run", "--checks", "all",
+               "--max-examples", os.environ.get("FUZZ_CLI_EXAMPLES", "15"), "--seed", "20241202"]  # fmt: skip
+    if mode == "control":
+        command += ["-H", f"X-API-Key: {KEY}"]
+    with live_server(env) as server:
+        done = subprocess.run([*command, f"{server.base}/openapi.json"], cwd=REPO,
+                              capture_output=True, text=True, timeout=1200)  # fmt: skip
+        ready = httpx.get(f"{server.base}/readyz", timeout=10)
+    assert done.returncode == 0, done.stdout[-6000:]
+    selected = re.search(r"Selected: (\d+)/(\d+)\s+Tested: (\d+)", done.stdout)
+    assert selected and len(set(selected.groups())) == 1, done.stdout[-3000:]  # every route
+    assert ready.status_code == 200 and ready.json()["model"] == "intel-scenes"

@@ -665,15 +665,15 @@ async def test_a_non_ascii_key_sent_as_utf8_is_accepted():
 @module_loop
 async def test_a_request_waiting_past_the_queue_deadline_is_429(photo):
     async with running(queue_timeout_s=0.5, retry_after_s=2) as c:
-        runtime = c.app.state.runtime
-        with stalled_inference(runtime):
+        plane = c.app.state.plane
+        with stalled_inference(plane):
             reply = await c.post("/encode", files=multipart([photo]))
         error = assert_error(reply, 429, "queue_timeout")
         assert "0.5" in error["message"] and reply.headers["retry-after"] == "2"
         # Nothing is stuck: the next request runs, the queue is empty.
         after = await c.post("/encode", files=multipart([photo]))
         text = (await c.get("/metrics")).text
-        depth = runtime.default().encoder.depth
+        depth = plane.repository.resolve(None, None).batchers["encoder"].depth
     assert after.status_code == 200
     assert depth == 0
     assert metric(text, "ae_queue_depth", part="encoder") == 0
@@ -683,18 +683,21 @@ async def test_a_request_waiting_past_the_queue_deadline_is_429(photo):
 async def test_a_full_queue_answers_429_and_accepted_requests_complete(scene_bytes):
     blobs = scene_bytes[:6]
     async with running(max_queue_size=4, max_batch_size=4) as c:
-        runtime = c.app.state.runtime
+        plane = c.app.state.plane
         expected = np.concatenate([
             (await c.post("/encode", files=multipart(part))).json()["latents"]
             for part in (blobs[:3], blobs[3:])
         ]).astype(np.float32)  # fmt: skip
-        taken = batches_taken(runtime)
-        with stalled_inference(runtime):
+        taken = batches_taken(plane)
+        with stalled_inference(plane):
             first = asyncio.create_task(c.post("/encode", files=multipart(blobs[:1])))
             # The worker took the first request (and is stuck on it); three images queue up.
-            await wait_until(lambda: batches_taken(runtime) > taken, "the first request taken")
+            await wait_until(lambda: batches_taken(plane) > taken, "the first request taken")
             second = asyncio.create_task(c.post("/encode", files=multipart(blobs[1:4])))
-            await wait_until(lambda: runtime.default().encoder.depth == 3, "three images queued")
+            await wait_until(
+                lambda: plane.repository.resolve(None, None).batchers["encoder"].depth == 3,
+                "three images queued",
+            )
             refused = await c.post("/encode", files=multipart(blobs[4:6]))  # 3 + 2 > 4
             # Refused before decoding: two files that are no images get the 429, not a 400.
             undecoded = await c.post("/encode", files=multipart([b"not an image"] * 2))
@@ -715,13 +718,14 @@ async def test_requests_beyond_the_in_flight_bound_are_429_before_decoding(photo
     # Requests in flight are bounded by AE_MAX_QUEUE_SIZE too: under overload the work before
     # the queue (parsing bodies, decoding images) would otherwise pile up without limit.
     async with running(max_queue_size=2, retry_after_s=3) as c:
-        runtime = c.app.state.runtime
-        with stalled_inference(runtime):
+        plane = c.app.state.plane
+        with stalled_inference(plane):
             first = asyncio.create_task(c.post("/encode", files=multipart([photo])))
-            await wait_until(lambda: batches_taken(runtime) > 0, "the first request taken")
+            await wait_until(lambda: batches_taken(plane) > 0, "the first request taken")
             second = asyncio.create_task(c.post("/encode", files=multipart([photo])))
             await wait_until(
-                lambda: runtime.default().encoder.depth == 1, "the second request queued"
+                lambda: plane.repository.resolve(None, None).batchers["encoder"].depth == 1,
+                "the second request queued",
             )
             # Not an image: admitted, it would be a 400; refused, it is never decoded.
             refused = await c.post("/encode", files=multipart([b"not an image"]))
@@ -767,11 +771,11 @@ async def test_sigterm_turns_readiness_off_at_once_and_in_flight_requests_comple
     previous = signal.signal(signal.SIGTERM, server_handler)
     try:
         async with running() as c:
-            runtime = c.app.state.runtime
+            plane = c.app.state.plane
             assert signal.getsignal(signal.SIGTERM) is not server_handler  # chained
-            with stalled_inference(runtime):
+            with stalled_inference(plane):
                 in_flight = asyncio.create_task(c.post("/encode", files=multipart([photo])))
-                await wait_until(lambda: batches_taken(runtime) > 0, "the request in flight")
+                await wait_until(lambda: batches_taken(plane) > 0, "the request in flight")
                 signal.raise_signal(signal.SIGTERM)
                 ready = await c.get("/readyz")
                 refused = await c.post("/encode", files=multipart([photo]))

@@ -17,6 +17,10 @@ from tests.live import live_server
 from tests.service_client import multipart, running
 
 SOURCE = manifest.resolve(DEFAULT_MODEL_DIR, "intel-scenes", 1)
+# Loading and unloading through the API: explicit model control, which needs the key.
+KEY = "control-key"
+CONTROL = {"model_control": "explicit", "api_key": KEY}
+KEYED = {"X-API-Key": KEY}
 
 
 def publish(root: Path, name: str, version: int, corrupt: bool = False) -> Path:
@@ -69,22 +73,24 @@ async def test_a_version_that_fails_to_load_is_reported_and_the_old_one_keeps_se
     repo, scene_bytes
 ):
     shutil.rmtree(repo / "intel-scenes" / "2")
-    async with running(model_dir=repo, models=["intel-scenes"]) as c:
+    async with running(model_dir=repo, models=["intel-scenes"], **CONTROL) as c:
+        c.headers.update(KEYED)
         publish(repo, "intel-scenes", 3, corrupt=True)
         (repo / "intel-scenes" / ".4.partial").mkdir()  # half-copied: never a version
-        index = (await c.post("/v2/repository/index")).json()
-        await c.post("/v2/repository/models/intel-scenes/load")
+        load = await c.post("/v2/repository/models/intel-scenes/load")
         index = (await c.post("/v2/repository/index")).json()
         served = (await c.post("/encode", files=multipart(scene_bytes[:1]))).json()["model"]
     rows = {row["version"]: row for row in index}
     assert set(rows) == {"1", "3"}
     assert rows["3"]["state"] == "UNAVAILABLE" and "sha256" in rows["3"]["reason"]
     assert rows["1"]["state"] == "READY" and served["version"] == 1
+    assert load.status_code == 200  # the model still serves, on the version it had
 
 
 async def test_the_repository_api_unloads_and_loads_a_model(repo, scene_bytes):
     files = multipart(scene_bytes[:1])
-    async with running(model_dir=repo) as c:
+    async with running(model_dir=repo, **CONTROL) as c:
+        c.headers.update(KEYED)
         unloaded = await c.post("/v2/repository/models/other/unload")
         gone = await c.post("/encode", files=files, params={"model": "other"})
         v2_gone = await c.get("/v2/models/other-encoder")

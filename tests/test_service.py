@@ -166,20 +166,23 @@ async def test_weights_half_half_is_the_latent_midpoint(scene_bytes):
 async def test_concurrent_single_requests_are_batched_and_keep_their_rows(scene_bytes):
     blobs = scene_bytes[:16]
     async with running(max_batch_size=16) as client:
-        runtime = client.app.state.runtime
+        plane = client.app.state.plane
         expected = np.asarray(
             (await client.post("/encode", files=multipart(blobs))).json()["latents"], np.float32
         )
-        taken = batches_taken(runtime)
+        taken = batches_taken(plane)
         # The engine is held on the first request while the other 15 queue up: released, they
         # must run as one batch, each request getting its own row back.
-        with stalled_inference(runtime):
+        with stalled_inference(plane):
             first = asyncio.create_task(client.post("/encode", files=multipart(blobs[:1])))
-            await wait_until(lambda: batches_taken(runtime) > taken, "the first request taken")
+            await wait_until(lambda: batches_taken(plane) > taken, "the first request taken")
             rest = [
                 asyncio.create_task(client.post("/encode", files=multipart([b]))) for b in blobs[1:]
             ]
-            await wait_until(lambda: runtime.default().encoder.depth == 15, "15 requests queued")
+            await wait_until(
+                lambda: plane.repository.resolve(None, None).batchers["encoder"].depth == 15,
+                "15 requests queued",
+            )
         replies = [await first, *[await r for r in rest]]
         text = (await client.get("/metrics")).text
     got = np.asarray([r.json()["latents"][0] for r in replies], np.float32)
@@ -396,7 +399,7 @@ async def test_model_reports_providers_in_use_and_batching():
 async def test_require_gpu_refuses_to_start_without_one():
     import onnxruntime as ort
 
-    from service.model import GpuUnavailable
+    from service.engine.models import GpuUnavailable
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has a GPU build of onnxruntime")

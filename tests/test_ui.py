@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.handlers.ui import CONTENT_SECURITY_POLICY, STATIC
+from service.routes.ui import CONTENT_SECURITY_POLICY, STATIC
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
 from tests.live import live_server
 from tests.service_client import running

@@ -1,5 +1,6 @@
-"""What a request runs with: the API key checked, the runtime ready, and the model version it
-asked for (FastAPI dependencies, and `serving` for the routes that run on a model version)."""
+"""What a request runs with: the API key checked, the data plane or the repository, and the
+model version it asked for (FastAPI dependencies, and `serving` for the routes that run on a
+model version)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 from pydantic import Field, TypeAdapter, ValidationError
 
+from service.dataplane.plane import DataPlane, Inference
 from service.errors import InvalidParameter, Unauthorized, Unavailable
-from service.repository import Served
-from service.runtime import Runtime
+from service.repository.repository import Repository
 from service.settings import Settings
 
 KEY_HEADER = "X-API-Key"
@@ -29,20 +30,23 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_runtime(request: Request) -> Runtime:
-    return ready_runtime(request)
+def started_plane(request: Request) -> DataPlane:
+    """The data plane once the lifespan has built it (it may not be accepting requests yet)."""
+    plane: DataPlane | None = request.app.state.plane
+    if plane is None:
+        settings: Settings = request.app.state.settings
+        raise Unavailable("the server is starting; retry shortly", "not_ready",
+                          settings.retry_after_s)  # fmt: skip
+    return plane
 
 
-def ready_runtime(request: Request) -> Runtime:
-    runtime: Runtime | None = request.app.state.runtime
-    settings: Settings = request.app.state.settings
-    if runtime is None or not runtime.ready:
-        raise Unavailable(
-            "the model is not loaded, or the server is shutting down; retry shortly",
-            "not_ready",
-            settings.retry_after_s,
-        )
-    return runtime
+async def get_plane(request: Request) -> DataPlane:
+    return started_plane(request)
+
+
+async def get_repository(request: Request) -> Repository:
+    """The repository, whatever state the server is in (a load must be able to repair it)."""
+    return started_plane(request).repository
 
 
 ApiKey = Annotated[str | None, Security(_api_key_header)]
@@ -67,7 +71,8 @@ async def require_metrics_key(key: ApiKey, settings: SettingsDep) -> None:
         _check_key(key, settings)
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+PlaneDep = Annotated[DataPlane, Depends(get_plane)]
+RepositoryDep = Annotated[Repository, Depends(get_repository)]
 
 _VERSION = TypeAdapter(Annotated[int, Field(gt=0)])
 
@@ -99,14 +104,28 @@ SERVED_OPENAPI: dict[str, Any] = {
 }
 
 
+# The task a route needs of its model (the manifest's `tasks`): a request that names no model
+# runs on the default model for the task, and `?model=` may name only a model that declares it.
+TASKS = {
+    "/encode": "encode",
+    "/reconstruct": "reconstruct",
+    "/anomaly-score": "anomaly-score",
+    "/interpolate": "interpolate",
+    "/decode": "decode",
+    "/generate": "decode",
+    "/denoise": "denoise",
+}
+
+
 @contextmanager
-def serving(request: Request) -> Iterator[Served]:
-    """The model version a request runs on, held (leased) until the block exits: a version
-    retired meanwhile finishes this request before it stops. Checked in this order: the API
-    key (401), readiness (503), `?version=` (422), the model and version served (404)."""
+def serving(request: Request) -> Iterator[Inference]:
+    """The model version a request runs on, of a model that declares the route's task, held
+    (leased) until the block exits: a version retired meanwhile finishes this request before
+    it stops. Routes enter it before reading the body. Checked in this order: the API key
+    (401), readiness (503), `?version=` (422), the model and version served (404)."""
     settings: Settings = request.app.state.settings
     _check_key(request.headers.get(KEY_HEADER), settings)
-    runtime = ready_runtime(request)
+    plane = started_plane(request)
     query = request.query_params
     version = query.get("version")
     if version is not None:
@@ -114,5 +133,6 @@ def serving(request: Request) -> Iterator[Served]:
             version = _VERSION.validate_python(version)
         except ValidationError as exc:
             raise InvalidParameter(f"query.version: {exc.errors()[0]['msg']}") from None
-    with runtime.repository.resolve(query.get("model"), version).lease() as served:
-        yield served
+    task = TASKS.get(request.scope["route"].path)
+    with plane.serving(query.get("model"), version, task) as inference:
+        yield inference

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from service.dependencies import SERVED_OPENAPI, serving
 from service.errors import NotFound
+from service.routes.dependencies import SERVED_OPENAPI, serving
 from service.schemas import KEYED_ERRORS, ErrorBody
 
 STATIC = Path(__file__).resolve().parent.parent / "static"

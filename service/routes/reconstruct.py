@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from aecore.anomaly import per_image_mse
-from service.dependencies import SERVED_OPENAPI, serving
-from service.handlers.common import request_images
 from service.responses import FastJSON
+from service.routes.common import request_images
+from service.routes.dependencies import SERVED_OPENAPI, serving
 from service.schemas import IMAGE_INPUTS, ImagesJson, ReconstructResponse, request_body, responses
 
 router = APIRouter(tags=["inference"])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from service.inputs import Parsed, parse_body, require_images
-from service.repository import Served
+from service.dataplane.inputs import Parsed, parse_body, require_images
+from service.dataplane.plane import Inference
 
 
-async def request_images(request: Request, served: Served) -> Parsed:
+async def request_images(request: Request, served: Inference) -> Parsed:
     """The images of a request (files, or preprocessed tensors), counted but not yet decoded.
 
     Handlers hold `served.admit(parsed.image_count)` while they decode and run them.

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Query, Request
 
 from aecore.anomaly import Evidence, error_heatmap, per_image_mse
 from service import errors
-from service.dependencies import SERVED_OPENAPI, serving
-from service.handlers.common import request_images
 from service.responses import FastJSON
+from service.routes.common import request_images
+from service.routes.dependencies import SERVED_OPENAPI, serving
 from service.schemas import IMAGE_INPUTS, AnomalyResponse, ImagesJson, request_body, responses
 
 router = APIRouter(tags=["inference"])

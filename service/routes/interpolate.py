@@ -10,9 +10,9 @@ import orjson
 from fastapi import APIRouter, Request
 
 from service import errors
-from service.dependencies import SERVED_OPENAPI, serving
-from service.inputs import parse_body, validate_latents
+from service.dataplane.inputs import parse_body, validate_latents
 from service.responses import FastJSON
+from service.routes.dependencies import SERVED_OPENAPI, serving
 from service.schemas import InterpolateJson, InterpolateResponse, request_body, responses
 
 router = APIRouter(tags=["inference"])

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request
 
 from aecore.generation import TEMPERATURE_RANGE
 from service import errors
-from service.dependencies import SERVED_OPENAPI, serving
-from service.inputs import media_type, read_json, wants_npy
+from service.dataplane.inputs import media_type, read_json, wants_npy
 from service.responses import FastJSON, npy_response
+from service.routes.dependencies import SERVED_OPENAPI, serving
 from service.schemas import ErrorBody, GenerateJson, GenerateResponse, request_body, responses
 
 router = APIRouter(tags=["inference"])

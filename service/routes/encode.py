@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.dependencies import SERVED_OPENAPI, serving
-from service.handlers.common import request_images
-from service.inputs import wants_npy
+from service.dataplane.inputs import wants_npy
 from service.responses import FastJSON, npy_response
+from service.routes.common import request_images
+from service.routes.dependencies import SERVED_OPENAPI, serving
 from service.schemas import IMAGE_INPUTS, EncodeResponse, ImagesJson, request_body, responses
 
 router = APIRouter(tags=["inference"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service import errors
-from service.dependencies import SERVED_OPENAPI, serving
-from service.inputs import parse_body, validate_latents, wants_npy
+from service.dataplane.inputs import parse_body, validate_latents, wants_npy
 from service.responses import FastJSON, npy_response
+from service.routes.dependencies import SERVED_OPENAPI, serving
 from service.schemas import DecodeResponse, LatentsJson, request_body, responses
 
 router = APIRouter(tags=["inference"])

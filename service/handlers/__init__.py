@@ -1,1 +1,0 @@
-"""One router module per endpoint family; each is thin over `service.runtime.Runtime`."""
