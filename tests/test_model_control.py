@@ -313,3 +313,40 @@ async def test_digits_that_are_not_ascii_are_not_versions(repo):
         listed = {(r["name"], r["version"]) for r in (await c.get("/models")).json()["models"]}
     assert config.status_code == 404 and infer.status_code == 400
     assert ("other", "1") in listed and not any(v == "³" for _, v in listed)
+
+
+@pytest.mark.parametrize(
+    "value", ["1.5", True, None, [0.5]], ids=["string", "bool", "null", "list"]
+)
+async def test_v2_json_data_must_be_json_numbers(value):
+    latent = [0.0] * 1024
+    latent[7] = value
+    body = {"inputs": [{"name": "latent", "datatype": "FP32", "shape": [1, 1024], "data": latent}]}
+    async with running() as c:
+        bad = await c.post("/v2/models/intel-scenes-decoder/infer", json=body)
+        latent[7] = 0.5
+        good = await c.post("/v2/models/intel-scenes-decoder/infer", json=body)
+    assert bad.status_code == 400 and "numbers" in bad.json()["error"], bad.text
+    assert good.status_code == 200
+
+
+async def test_denoise_leases_the_denoiser_not_the_default_autoencoder(scene_bytes):
+    """/denoise runs on the denoising model's own version (its lease, its batcher): the
+    default autoencoder is not involved, whatever state it is in."""
+    async with running() as c:
+        repository = c.app.state.plane.repository
+        denoiser = repository.resolve(None, None, "denoise")
+        autoencoder = repository.resolve(None, None)
+        batcher, gate = denoiser.batchers["denoiser"], asyncio.Event()
+        run = batcher.run
+        batcher.run = lambda rows: (asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(),
+                                    run(rows))[1]  # fmt: skip
+        loop = asyncio.get_running_loop()
+        request = asyncio.create_task(c.post("/denoise", json={"images": [b64(scene_bytes[0])]}))
+        while denoiser.leases == 0:
+            await asyncio.sleep(0.01)
+        leases = (denoiser.leases, autoencoder.leases)
+        gate.set()
+        reply = await request
+    assert leases == (1, 0)
+    assert reply.status_code == 200 and reply.json()["model"]["name"] == DENOISER
