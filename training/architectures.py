@@ -131,6 +131,57 @@ def spatial(input_shape=(128, 128, 3), latent_dim=1024):
     return encoder, decoder
 
 
+@architecture("hybrid")
+def hybrid(input_shape=(128, 128, 3), latent_dim=1024, global_dim=256):
+    """`spatial` with a quarter of the code global: what is where, and what the scene is.
+
+    The latent is still an 8x8 grid of 16 channels for 128x128 and 1024, but 4 of the channels
+    (256 numbers) are a dense projection of the average-pooled features, the same whatever the
+    position of things; 12 stay a local code. The decoder reads both its grid and, through a dense
+    layer, the whole code at every position, so the global numbers can steer the whole image.
+    """
+    grid_h, grid_w = input_shape[0] // 16, input_shape[1] // 16
+    cells = grid_h * grid_w
+    if input_shape[0] % 16 or input_shape[1] % 16 or latent_dim % cells or global_dim % cells:
+        raise ValueError(
+            "hybrid needs H, W divisible by 16 and latent_dim, global_dim by (H/16)*(W/16)"
+        )
+    code_channels, global_channels = latent_dim // cells, global_dim // cells
+    if global_channels >= code_channels:
+        raise ValueError("hybrid needs global_dim < latent_dim")
+
+    inputs = keras.Input(input_shape, name="image")
+    x = _conv(32, strides=2)(inputs)  # 64x64
+    x = _conv(64, strides=2)(x)  # 32x32
+    x = _residual(x, 64)
+    x = _conv(128, strides=2)(x)  # 16x16
+    x = _residual(x, 128)
+    x = _conv(128, strides=2)(x)  # 8x8
+    x = _residual(x, 128)
+    local = layers.Conv2D(code_channels - global_channels, 1, name="code")(x)
+    summary = layers.Dense(global_dim, name="global_code")(layers.GlobalAveragePooling2D()(x))
+    summary = layers.Reshape((grid_h, grid_w, global_channels))(summary)
+    latent = layers.Flatten(name="latent")(layers.Concatenate()([summary, local]))
+    encoder = keras.Model(inputs, latent, name="encoder")
+
+    code = keras.Input((latent_dim,), name="latent")
+    grid = layers.Reshape((grid_h, grid_w, code_channels))(code)
+    everywhere = layers.Reshape((grid_h, grid_w, code_channels))(layers.Dense(latent_dim)(code))
+    y = _conv(128)(layers.Concatenate()([grid, everywhere]))
+    y = _residual(y, 128)
+    y = _up(128)(y)  # 16x16
+    y = _residual(y, 128)
+    y = _up(64)(y)  # 32x32
+    y = _residual(y, 64)
+    y = _up(32)(y)  # 64x64
+    y = _conv(32)(y)
+    image = layers.Conv2DTranspose(
+        3, 4, strides=2, padding="same", activation="sigmoid", name="image"
+    )(y)  # 128x128
+    decoder = keras.Model(code, image, name="decoder")
+    return encoder, decoder
+
+
 def autoencoder(encoder: keras.Model, decoder: keras.Model) -> keras.Model:
     inputs = keras.Input(encoder.input_shape[1:], name="image")
     return keras.Model(inputs, decoder(encoder(inputs)), name="autoencoder")

@@ -1,4 +1,4 @@
-"""`python -m training {train,export,evaluate,evaluate-anomaly,calibrate,add-generator,...}`."""
+"""`python -m training {train,export,evaluate,evaluate-anomaly,calibrate,add-generator,probe,...}`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,31 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    ssl = t.add_argument_group(
+        "self-supervised terms (docs/training.md); off by default, kept by --resume"
+    )
+    ssl.add_argument(
+        "--invariance-weight",
+        type=float,
+        default=0.0,
+        help="weight of a VICReg/NT-Xent term between the latents of two random views of each "
+        "image (crop, mirror, colour), through a projector used only in training",
+    )
+    ssl.add_argument("--invariance-loss", default="vicreg", choices=["vicreg", "ntxent"])
+    ssl.add_argument("--projector-dim", type=int, default=512, help="the projector's width")
+    ssl.add_argument(
+        "--mask-ratio",
+        type=float,
+        default=0.0,
+        help="share of 16x16 patches zeroed in the encoder's input; the target stays clean",
+    )
+    ssl.add_argument("--ssim-weight", type=float, default=0.0, help="weight of 1 - SSIM")
+    ssl.add_argument(
+        "--schedule",
+        default="plateau",
+        choices=["plateau", "cosine"],
+        help="plateau: halve the rate when val_loss stalls; cosine: decay over --epochs to 1%%",
+    )
 
     e = sub.add_parser("export", help="export a run's best checkpoint to a model folder")
     e.add_argument("--run", required=True, help="run folder written by `train`")
@@ -111,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--data", required=True, help="the folder it was trained on (split as recorded)")
     w.add_argument("--report-dir", help="write report.md and grid.jpg here")
     _evaluation_options(w)
+
+    p = sub.add_parser(
+        "probe",
+        help="validation MSE and linear probe of a run's best checkpoint (Keras, no export)",
+    )
+    p.add_argument("--run", required=True, help="run folder written by `train`")
+    p.add_argument("--anchors", action="store_true", help="also PCA and thumbnail rows")
 
     s = sub.add_parser("summary", help="print the Keras summaries of an architecture")
     s.add_argument("--arch", default="seed")
@@ -299,6 +331,15 @@ def _evaluate_denoiser(args) -> int:
     return 0
 
 
+def _probe(args) -> int:
+    from training.probe import probe_run
+
+    result = probe_run(Path(args.run), anchors=args.anchors)
+    (Path(args.run) / "probe.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({"val_mse": result["val_mse"], **result["accuracy"]}, indent=2))
+    return 0
+
+
 def _summary(args) -> int:
     from training.architectures import build
 
@@ -320,5 +361,6 @@ COMMANDS = {
     "train-denoiser": _train_denoiser,
     "export-denoiser": _export_denoiser,
     "evaluate-denoiser": _evaluate_denoiser,
+    "probe": _probe,
     "summary": _summary,
 }

@@ -136,19 +136,43 @@ def stratified_split(
     return np.sort(train), np.sort(val)
 
 
-def dataset(images: np.ndarray, batch_size: int, shuffle: bool, flip: bool = False, seed: int = 42):
-    """A tf.data pipeline of (x, x) float32 batches built from the uint8 array."""
+def dataset(
+    images: np.ndarray,
+    batch_size: int,
+    shuffle: bool,
+    flip: bool = False,
+    seed: int = 42,
+    mask_ratio: float = 0.0,
+    second_view: bool = False,
+):
+    """A tf.data pipeline of float32 batches built from the uint8 array, as dicts:
+
+    "target": the image (mirrored at random with `flip`), what the decoder must give back;
+    "image": the encoder's input, the target with `mask_ratio` of its 16x16 patches zeroed;
+    "view": with `second_view`, another random view of the target (crop, mirror, colour).
+    """
     import tensorflow as tf
+
+    from training import augment
 
     ds = tf.data.Dataset.from_tensor_slices(images)
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
+    # One seed pair per batch, new every epoch: the stateless augmentations draw from it.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
-    def prepare(batch):
+    def prepare(batch, pair):
         x = tf.cast(batch, tf.float32) / 255.0  # the same scaling as aecore.preprocessing.to_float
+        s = tf.random.experimental.stateless_split(pair, 3)
         if flip:
-            x = tf.image.random_flip_left_right(x, seed=seed)
-        return x, x
+            x = augment.flip(x, s[0])
+        out = {"image": x, "target": x}
+        if mask_ratio > 0:
+            out["image"] = augment.mask_patches(x, mask_ratio, s[1])
+        if second_view:
+            out["view"] = augment.strong_view(x, s[2])
+        return out
 
-    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip(ds, seeds).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

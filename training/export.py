@@ -108,6 +108,7 @@ def export(
     history = read_history(run_dir)
     seconds = [row["epoch_seconds"] for row in history if "epoch_seconds" in row]
     last = history[-1] if history else {}
+    objective = config.objective()
     body = {
         **base,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -124,8 +125,10 @@ def export(
             "seed": config.seed,
             "batch_size": config.batch_size,
             "learning_rate": config.learning_rate,
-            "augmentation": ["horizontal_flip"] if config.flip else [],
-            "loss": "mse",
+            "augmentation": objective["augmentation"],
+            # "mse" as before when no other term was trained; else each term and its weight
+            "loss": "mse" if objective["loss"] == {"mse": 1.0} else objective["loss"],
+            "schedule": objective["schedule"],
             "epochs": len(history),
             "wall_seconds": round(sum(seconds), 1),
             "seconds_per_epoch": round(float(np.mean(seconds)), 1) if seconds else None,

@@ -9,6 +9,7 @@ to the latent's (1024 -> 18x18x3 = 972). A reduction worth its name should beat 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -53,16 +54,17 @@ def linear_probe(
     train_latents: np.ndarray,
     val_latents: np.ndarray,
     seed: int = 42,
+    anchors: bool = True,
 ) -> dict:
-    """The probe's accuracies on the validation split, given the model's latents of both."""
+    """The probe's accuracies on the validation split, given the model's latents of both
+    (without `anchors`, only the latents' accuracy: the PCA and thumbnail rows are left out)."""
     dim = train_latents.shape[1]
     components = min(dim, len(train), int(np.prod(train.images.shape[1:])))
     side = thumbnail_side(dim)
-    features = {
-        "latents": (train_latents, val_latents),
-        "pca": pca_features(train.images, val.images, components, seed),
-        "pixels": (thumbnails(train.images, side), thumbnails(val.images, side)),
-    }
+    features = {"latents": (train_latents, val_latents)}
+    if anchors:
+        features["pca"] = pca_features(train.images, val.images, components, seed)
+        features["pixels"] = (thumbnails(train.images, side), thumbnails(val.images, side))
     accuracy = {
         name: float(probe_classifier(x_train, train.labels).score(x_val, val.labels))
         for name, (x_train, x_val) in features.items()
@@ -100,3 +102,24 @@ def markdown(probe: dict | None) -> str:
         *rows,
     ]
     return "\n".join(lines) + "\n"
+
+
+def probe_run(run_dir: Path, anchors: bool = False, batch_size: int = 64) -> dict:
+    """A training run's best checkpoint on its own split: the validation MSE and the linear
+    probe, with Keras (no export needed, so a run can be checked while it trains)."""
+    import json
+
+    from training.train import TrainConfig, load_autoencoder, load_split
+
+    config = TrainConfig(**json.loads((Path(run_dir) / "config.json").read_text()))
+    encoder, decoder = load_autoencoder(run_dir)
+    train, val = load_split(config, run_dir)
+
+    def encode(images: np.ndarray) -> np.ndarray:
+        return encoder.predict(to_float(images), batch_size=batch_size, verbose=0)
+
+    val_latents = encode(val.images)
+    outputs = decoder.predict(val_latents, batch_size=batch_size, verbose=0)
+    result = linear_probe(train, val, encode(train.images), val_latents, config.seed, anchors)
+    result["val_mse"] = float(np.mean((to_float(val.images) - outputs) ** 2))
+    return result

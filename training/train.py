@@ -1,11 +1,15 @@
 """Fit an autoencoder with MSE + Adam into a run folder that `--resume` can continue.
 
 A run folder holds:
-  config.json        what was asked (data, arch, sizes, seed, split)
+  config.json        what was asked (data, arch, sizes, seed, split, loss terms, schedule)
   split.json         the train/validation file lists, so export and calibration reuse them
   history.csv        one row per epoch (losses, rounded_accuracy, learning rate, seconds)
-  best.keras         the autoencoder with the lowest val_loss so far
+  best.keras         the autoencoder (encoder + decoder) with the lowest val_loss so far
   backup/            Keras' BackupAndRestore state for resuming an interrupted run
+
+The loss is pixel MSE unless the self-supervised options add terms (`training.selfsup`); the
+validation loss is always the validation MSE. A config.json written before those options
+existed loads with them off, which is how such runs were trained.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import tensorflow as tf
 from aecore.preprocessing import ImageSpec
 from training import data as data_mod
 from training.architectures import autoencoder, build
+from training.selfsup import INVARIANCE_LOSSES, SelfSupervisedAutoencoder, rounded_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +49,42 @@ class TrainConfig:
     flip: bool = False
     patience: int = 5
     seed: int = 42
+    # Self-supervised terms and the schedule (training.selfsup); off by default.
+    invariance_weight: float = 0.0
+    invariance_loss: str = "vicreg"
+    projector_dim: int = 512
+    mask_ratio: float = 0.0
+    ssim_weight: float = 0.0
+    schedule: str = "plateau"
+
+    def __post_init__(self):
+        if self.invariance_loss not in INVARIANCE_LOSSES:
+            raise ValueError(f"--invariance-loss must be one of {', '.join(INVARIANCE_LOSSES)}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError("--mask-ratio must be in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}")
 
     @property
     def spec(self) -> ImageSpec:
         return ImageSpec(self.height, self.width)
 
+    def objective(self) -> dict:
+        """The loss terms and augmentations, as export records them."""
+        terms = {"mse": 1.0}
+        if self.ssim_weight:
+            terms["1-ssim"] = self.ssim_weight
+        if self.invariance_weight:
+            terms[self.invariance_loss] = self.invariance_weight
+        augmentation = ["horizontal_flip"] if self.flip else []
+        if self.mask_ratio:
+            augmentation.append(f"masked_input_{self.mask_ratio:g}")
+        if self.invariance_weight:
+            augmentation.append("second_view_crop_flip_colour")
+        return {"loss": terms, "augmentation": augmentation, "schedule": self.schedule}
 
-def rounded_accuracy(y_true, y_pred):
-    """Binary accuracy of the rounded target against the rounded output (the reference metric)."""
-    ops = keras.ops
-    return ops.mean(ops.cast(ops.equal(ops.round(y_true), ops.round(y_pred)), "float32"))
+
+SCHEDULES = ("plateau", "cosine")
 
 
 def load_split(config: TrainConfig, run_dir: Path | None = None):
@@ -111,6 +142,31 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = round(time.perf_counter() - self._start, 2)
 
 
+class LogLearningRate(keras.callbacks.Callback):
+    """Adds the rate the epoch ended at to the logs (a schedule's current value)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+
+
+class SaveBest(keras.callbacks.Callback):
+    """Saves the plain autoencoder (encoder + decoder, no training heads) to `path` whenever
+    `val_loss` improves on `best`, the lowest so far (a resumed run passes its history's)."""
+
+    def __init__(self, path: Path, model: keras.Model, best: float = float("inf")):
+        super().__init__()
+        self.path, self.autoencoder, self.best = Path(path), model, best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_loss")
+        if value is not None and value < self.best:
+            self.best = float(value)
+            self.autoencoder.save(self.path)
+
+
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Train into `config.out`; returns the run folder."""
     run_dir = Path(config.out)
@@ -124,7 +180,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             raise FileNotFoundError(f"nothing to resume: {config_path} does not exist")
         saved = json.loads(config_path.read_text())
         saved["epochs"] = config.epochs  # the one thing a resume may change
-        config = TrainConfig(**saved)
+        config = TrainConfig(**saved)  # the run's own options; older runs get the defaults
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(asdict(config), indent=2))
 
@@ -139,29 +195,60 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     )
 
     encoder, decoder = build(config.arch, config.spec.shape, config.latent_dim)
-    model = autoencoder(encoder, decoder)
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss="mse",
-        metrics=[rounded_accuracy],
+    model = SelfSupervisedAutoencoder(
+        encoder,
+        decoder,
+        invariance_weight=config.invariance_weight,
+        invariance_loss=config.invariance_loss,
+        ssim_weight=config.ssim_weight,
+        projector_dim=config.projector_dim,
     )
-    train_ds = data_mod.dataset(train_set.images, config.batch_size, True, config.flip, config.seed)
-    val_ds = data_mod.dataset(val_set.images, config.batch_size, False)
+    train_ds = data_mod.dataset(
+        train_set.images,
+        config.batch_size,
+        shuffle=True,
+        flip=config.flip,
+        seed=config.seed,
+        mask_ratio=config.mask_ratio,
+        second_view=config.invariance_weight > 0,
+    )
+    val_ds = data_mod.dataset(val_set.images, config.batch_size, shuffle=False)
+    steps = -(-len(train_set) // config.batch_size)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps)))
+    plain = autoencoder(encoder, decoder)
+    history = read_history(run_dir) if resume else []
+    best = min((row["val_loss"] for row in history if "val_loss" in row), default=float("inf"))
     callbacks = [
         EpochTimer(),
+        LogLearningRate(),
         keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), save_best_only=True),
-        keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(1, config.patience // 2)),
+        SaveBest(run_dir / "best.keras", plain, best),
         keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
     ]
+    if config.schedule == "plateau":
+        plateau = keras.callbacks.ReduceLROnPlateau(
+            factor=0.5, patience=max(1, config.patience // 2)
+        )
+        callbacks.insert(4, plateau)
     tf.get_logger().setLevel("ERROR")
     model.fit(
-        train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=1
+        train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=2
     )
     if not (run_dir / "best.keras").exists():  # zero epochs ran (e.g. resuming a finished run)
-        model.save(run_dir / "best.keras")
+        plain.save(run_dir / "best.keras")
     return run_dir
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int):
+    """A constant rate (halved on plateaus by a callback) or a cosine decay over `epochs` to 1%
+    of it. The schedule counts optimizer steps, which BackupAndRestore restores on --resume;
+    resuming with more epochs stretches the remaining decay."""
+    if config.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, decay_steps=config.epochs * steps_per_epoch, alpha=0.01
+        )
+    return config.learning_rate
 
 
 def load_autoencoder(run_dir: Path):
