@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from service import inputs
+from service.dataplane import inputs
 from tests.live import live_server
 from tests.service_client import b64, running, wait_until
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ class ServedGraphs:
         """Every graph of the model by part (`encoder`, `decoder`, `denoiser`)."""
         raise NotImplementedError
 
-    def _check_gpu(self, require_gpu: bool) -> None:
+    def _opened(self, requested: list[str], require_gpu: bool) -> None:
+        self.requested_providers = requested
         if require_gpu and not self.on_gpu:
             raise GpuUnavailable(
                 f"AE_REQUIRE_GPU is set but onnxruntime uses {self.providers} "
@@ -98,33 +100,35 @@ class ServedGraphs:
         }
 
 
-def _options(folder: Path, requested: list[str], precision: str, cudnn_search: str,
-             trt_cache: Path | None) -> list[dict[str, str]]:  # fmt: skip
-    # Engines are machine-specific and rebuilt at will: beside the versions, never in one.
-    cache = trt_cache or folder.parent / ".trt-cache" / folder.name
-    return gpu_provider_options(requested, cache, precision, cudnn_search)
+@dataclass(frozen=True)
+class Serving:
+    """How a version's sessions are opened for serving (the AE_ settings of the engine)."""
+
+    providers: list[str]
+    require_gpu: bool = False
+    intra_op_threads: int | None = None
+    precision: str = "fp32"
+    cudnn_search: str = "EXHAUSTIVE"
+    trt_cache: Path | None = None
+
+    def providers_for(self, folder: Path, precision: str) -> tuple[list[str], list[dict]]:
+        """The providers to ask for, and their options, for the graphs in `folder`."""
+        requested = choose_providers(self.providers)
+        # Engines are machine-specific and rebuilt at will: beside the versions, never in one.
+        cache = self.trt_cache or folder.parent / ".trt-cache" / folder.name
+        return requested, gpu_provider_options(requested, cache, precision, self.cudnn_search)
 
 
 class AutoencoderModel(ServedGraphs, Autoencoder):
     """The shared runner plus what serving adds: scorers and the generation density."""
 
-    def __init__(
-        self,
-        folder: Path,
-        providers: list[str] | None = None,
-        require_gpu: bool = False,
-        intra_op_threads: int | None = None,
-        precision: str = "fp32",
-        cudnn_search: str = "EXHAUSTIVE",
-        trt_cache: Path | None = None,
-    ) -> None:
-        requested, folder = choose_providers(providers or []), Path(folder)
-        options = _options(folder, requested, precision, cudnn_search, trt_cache)
-        Autoencoder.__init__(self, folder, requested, intra_op_threads, True, precision, options)
-        self.requested_providers = requested
+    def __init__(self, folder: Path, how: Serving) -> None:
+        requested, options = how.providers_for(folder, how.precision)
+        Autoencoder.__init__(self, folder, requested, how.intra_op_threads, True, how.precision,
+                             options)  # fmt: skip
         self.scorers = AnomalyScorers(self.manifest["anomaly"], self.folder)
         self.generator = generation.load(self.folder, self.manifest)  # None: no /generate
-        self._check_gpu(require_gpu)
+        self._opened(requested, how.require_gpu)
 
     def graphs(self) -> dict[str, Graph]:
         return {"encoder": (self.encode, self.spec.shape), "decoder": (self.decode,
@@ -136,24 +140,13 @@ class AutoencoderModel(ServedGraphs, Autoencoder):
 
 
 class DenoiserModel(ServedGraphs, Denoiser):
-    """A denoising model folder, opened as autoencoders are (fp32 graphs only)."""
+    """A denoising model folder, opened as autoencoders are (fp32 graphs only, whatever
+    AE_PRECISION asks of the autoencoders)."""
 
-    def __init__(
-        self,
-        folder: Path,
-        providers: list[str] | None = None,
-        require_gpu: bool = False,
-        intra_op_threads: int | None = None,
-        precision: str = "fp32",
-        cudnn_search: str = "EXHAUSTIVE",
-        trt_cache: Path | None = None,
-    ) -> None:
-        del precision  # one graph, fp32, whatever AE_PRECISION asks of the autoencoders
-        requested, folder = choose_providers(providers or []), Path(folder)
-        options = _options(folder, requested, "fp32", cudnn_search, trt_cache)
-        Denoiser.__init__(self, folder, requested, intra_op_threads, True, options)
-        self.requested_providers = requested
-        self._check_gpu(require_gpu)
+    def __init__(self, folder: Path, how: Serving) -> None:
+        requested, options = how.providers_for(folder, "fp32")
+        Denoiser.__init__(self, folder, requested, how.intra_op_threads, True, options)
+        self._opened(requested, how.require_gpu)
 
     def graphs(self) -> dict[str, Graph]:
         return {"denoiser": (self.denoise, self.spec.shape)}
@@ -162,8 +155,8 @@ class DenoiserModel(ServedGraphs, Denoiser):
 ServedModel = AutoencoderModel | DenoiserModel
 
 
-def open_model(folder: Path, **options: Any) -> ServedModel:
+def open_model(folder: Path, how: Serving) -> ServedModel:
     """The runner a version's manifest asks for: a denoiser when it declares `denoise`."""
     body = manifest.read(folder, verify=False)
     kind = DenoiserModel if DENOISE in manifest.tasks(body) else AutoencoderModel
-    return kind(folder, **options)
+    return kind(Path(folder), how)

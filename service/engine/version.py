@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from service.engine.batcher import Batcher
-from service.engine.models import ServedModel, open_model
+from service.engine.models import ServedModel, Serving, open_model
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -83,11 +83,9 @@ async def open_version(
     """Load, check and warm up the version in `folder` with `threads` intra-op threads; its
     batchers are made, not started."""
     s = settings
-    model = await asyncio.to_thread(
-        open_model, folder, providers=s.providers, require_gpu=s.require_gpu,
-        intra_op_threads=threads, precision=s.precision, cudnn_search=s.cudnn_conv_algo_search,
-        trt_cache=s.trt_cache_dir,
-    )  # fmt: skip
+    how = Serving(s.providers, s.require_gpu, threads, s.precision, s.cudnn_conv_algo_search,
+                  s.trt_cache_dir)  # fmt: skip
+    model = await asyncio.to_thread(open_model, folder, how)
     # On a GPU every batch size the batcher can form is a new shape for cuDNN's search.
     sizes = range(1, s.max_batch_size + 1) if model.on_gpu else (1, s.max_batch_size)
     seconds = await asyncio.to_thread(model.warm_up, tuple(sizes))
