@@ -8,8 +8,8 @@ the bytes of every body in flight count from their first chunk (a body still str
 memory too) until the request is answered. A request that would pass either bound is answered
 429 `overloaded` with Retry-After: at once when it arrives while the server is full (the cheap
 path that keeps an overloaded server responsive), else from inside its body read, before any
-of its images is decoded. Images in flight are bounded by the runtime (`Runtime.admit`), once a
-request's image count is known.
+of its images is decoded. Images in flight are bounded by the data plane (`DataPlane.admit`),
+once a request's image count is known.
 """
 
 from __future__ import annotations
