@@ -179,12 +179,16 @@ def test_lifecycle_chaos_under_load(tmp_path: Path, scene_bytes):
     assert loaded.status_code == 200
     assert set(final) == {2} and set(final_other) == {1}, (final, final_other)
     assert 3 not in {version for *_, version in load.outcomes}  # the corrupt version never served
+    # Connection errors that mean the request never reached a worker: refused once the server
+    # stopped listening, or a keep-alive connection closed as idle (by the draining server, or
+    # with the killed worker) just as the client reused it. Every request a worker started is
+    # answered: uvicorn finishes them before it exits.
+    unsent = ("ConnectError", "ReadError", "RemoteProtocolError")
     for phase, what in outcomes:
-        if phase == "shutdown":  # finished, refused with the documented 503, or not accepted
-            assert what in (200, "503 shutting_down", "503 not_ready", "ConnectError",
-                            "RemoteProtocolError") or str(what).startswith("503 "), outcomes  # fmt: skip
-        elif phase == "kill":  # a connection of the killed worker dies; sent again, it succeeds
-            assert what in (200, "ReadError", "RemoteProtocolError", "ConnectError"), outcomes
+        if phase == "shutdown":  # finished, refused with the documented 503, or never sent
+            assert what in (200, "503 shutting_down", "503 not_ready", *unsent), outcomes
+        elif phase == "kill":  # sent again after its connection died, it succeeded
+            assert what in (200, *unsent), outcomes
         else:
             assert what == 200, outcomes
     assert ("kill", "lost") not in outcomes and sum(
