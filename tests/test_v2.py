@@ -37,9 +37,7 @@ def images(scene_bytes) -> np.ndarray:
 
 
 def service_latents(server, images: np.ndarray) -> np.ndarray:
-    buf = io.BytesIO()
-    np.save(buf, images)
-    reply = httpx.post(f"{server.base}/encode", content=buf.getvalue(),
+    reply = httpx.post(f"{server.base}/encode", content=_npy(images),
                        headers={"Content-Type": NPY, "Accept": NPY}, timeout=30)  # fmt: skip
     return np.load(io.BytesIO(reply.content))
 
@@ -138,3 +136,33 @@ def test_unknown_models_and_versions_are_404_in_the_protocols_form(server):
         method = httpx.post if path.endswith("infer") else httpx.get
         reply = method(f"{server.base}{path}", timeout=10)
         assert reply.status_code == 404 and isinstance(reply.json()["error"], str), path
+
+
+def test_the_repository_models_are_v2_models_too(client, server, images):
+    """The names the repository index lists: an autoencoder gives its latents and its
+    reconstruction in one request, the denoiser its cleaned images, as the REST API does."""
+    tensor = httpclient.InferInput("image", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images, binary_data=True)
+    both = client.infer("intel-scenes", [tensor])
+    only_latent = client.infer("intel-scenes", [tensor],
+                               outputs=[httpclient.InferRequestedOutput("latent")])  # fmt: skip
+    latents = service_latents(server, images)
+    decoded = httpx.post(f"{server.base}/decode", content=_npy(latents),
+                         headers={"Content-Type": NPY, "Accept": NPY}, timeout=30)  # fmt: skip
+    cleaned = client.infer("intel-scenes-denoise", [tensor]).as_numpy("cleaned")
+    denoised = httpx.post(f"{server.base}/denoise", content=_npy(images),
+                          headers={"Content-Type": NPY, "Accept": NPY}, timeout=30)  # fmt: skip
+    listed = {row["name"] for row in client.get_model_repository_index()}
+    np.testing.assert_array_equal(both.as_numpy("latent"), latents)
+    np.testing.assert_allclose(both.as_numpy("reconstruction"),
+                               np.load(io.BytesIO(decoded.content)), atol=1e-6)  # fmt: skip
+    assert only_latent.as_numpy("reconstruction") is None
+    np.testing.assert_allclose(cleaned, np.load(io.BytesIO(denoised.content)), atol=1e-6)
+    assert listed == {"intel-scenes", "intel-scenes-denoise"}
+    assert all(client.is_model_ready(name) for name in listed)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()

@@ -126,10 +126,8 @@ def _kinds(served: ModelVersion) -> dict[str, tuple[tuple[str, str], ...]]:
 
 def v2_names(repository: Repository) -> list[str]:
     """Every V2 model name this server answers to."""
-    names = set()
-    for name, versions in repository.served.items():
-        names |= {name + suffix for suffix in _kinds(versions[max(versions)])}
-    return sorted(names)
+    return sorted(name + suffix for name in repository.served
+                  for suffix in _kinds_of(repository, name))  # fmt: skip
 
 
 def _target(repository: Repository, name: str) -> tuple[str, str]:
