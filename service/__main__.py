@@ -81,7 +81,7 @@ def metrics_folder() -> str:
     if not folder:
         return tempfile.mkdtemp(prefix="convae-metrics-")
     os.makedirs(folder, exist_ok=True)
-    for pattern in ("*.db", f"{workers.MARK}*", control.FILE):
+    for pattern in ("*.db", f"{workers.MARK}*", control.FILE, f".{control.FILE}*"):
         for stale in glob.glob(os.path.join(folder, pattern)):
             os.remove(stale)
     return folder

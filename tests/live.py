@@ -198,6 +198,16 @@ def live_server(
             server.stop()
 
 
+def settles(observe, expected, limit_s: float = 90):
+    """What `observe()` returns once it equals `expected`, or what it last returned when
+    `limit_s` has passed: waiting for a server to converge, with a bound for a slow machine
+    (not a timing assertion)."""
+    deadline = time.monotonic() + limit_s
+    while (seen := observe()) != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return seen
+
+
 _SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
 
 

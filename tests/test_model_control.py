@@ -20,7 +20,7 @@ import pytest
 
 from aecore.preprocessing import ImageSpec, load_image
 from service.engine.threads import thread_budget
-from tests.live import REPO, live_server, service_env
+from tests.live import REPO, live_server, service_env, settles
 from tests.service_client import b64, multipart, running, settings
 from tests.test_repository import CONTROL, KEY, KEYED, publish
 
@@ -175,9 +175,12 @@ async def test_metadata_of_a_model_being_loaded_is_never_a_server_error(repo):
         await c.post("/v2/repository/models/other/unload")
         loading = asyncio.create_task(c.post("/v2/repository/models/other/load"))
         seen = set()
+        infer = {"inputs": [{"name": "latent", "datatype": "FP32", "shape": [1, 1024],
+                             "data": [0.0] * 1024}]}  # fmt: skip
         while not loading.done():
             for path in ("/v2/models/other", "/v2/models/other-encoder/config"):
                 seen.add((await c.get(path)).status_code)
+            seen.add((await c.post("/v2/models/other-decoder/infer", json=infer)).status_code)
             seen.add((await c.post("/v2/repository/index")).status_code)
             await asyncio.sleep(0)
         assert (await loading).status_code == 200
@@ -242,17 +245,19 @@ def test_a_load_or_unload_through_one_worker_reaches_every_worker(repo, scene_by
     kwargs = {"content": scene_bytes[0], "headers": {"Content-Type": "image/jpeg", **KEYED},
               "params": {"model": "other"}}  # fmt: skip
     with live_server(env) as server:
-        before = _fresh_connection_answers(server.base, "/encode", 16, **kwargs)
+
+        def answers() -> set[int]:
+            return set(_fresh_connection_answers(server.base, "/encode", 16, **kwargs))
+
+        before = answers()
         unload = httpx.post(f"{server.base}/v2/repository/models/other/unload", headers=KEYED)
-        time.sleep(2.5)  # the follow period (1 s), twice over, plus a margin for 2 cores
-        gone = _fresh_connection_answers(server.base, "/encode", 16, **kwargs)
+        gone = settles(answers, {404})  # each worker follows the shared state within 1 s
         load = httpx.post(f"{server.base}/v2/repository/models/other/load", headers=KEYED,
                           timeout=120)  # fmt: skip
-        time.sleep(2.5 + 10)  # the other worker loads and warms it up too
-        back = _fresh_connection_answers(server.base, "/encode", 16, **kwargs)
-    assert set(before) == {200}
-    assert unload.status_code == 200 and set(gone) == {404}, gone
-    assert load.status_code == 200 and set(back) == {200}, back
+        back = settles(answers, {200})  # ... and loads and warms the model up again
+    assert before == {200}
+    assert unload.status_code == 200 and gone == {404}, gone
+    assert load.status_code == 200 and back == {200}, back
 
 
 def test_a_killed_worker_leaves_no_live_gauge_in_the_sums(tmp_path):
@@ -343,10 +348,66 @@ async def test_denoise_leases_the_denoiser_not_the_default_autoencoder(scene_byt
                                     run(rows))[1]  # fmt: skip
         loop = asyncio.get_running_loop()
         request = asyncio.create_task(c.post("/denoise", json={"images": [b64(scene_bytes[0])]}))
-        while denoiser.leases == 0:
+        deadline = time.monotonic() + 60
+        while denoiser.leases == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         leases = (denoiser.leases, autoencoder.leases)
         gate.set()
         reply = await request
     assert leases == (1, 0)
     assert reply.status_code == 200 and reply.json()["model"]["name"] == DENOISER
+
+
+@pytest.mark.parametrize("where", ["request", "input", "output"])
+@pytest.mark.parametrize("value", [[1], "x", 3])
+async def test_v2_parameters_that_are_not_an_object_are_a_400(where, value):
+    body = {"inputs": [{"name": "latent", "datatype": "FP32", "shape": [1, 1024],
+                        "data": [0.0] * 1024}], "outputs": [{"name": "image"}]}  # fmt: skip
+    target = {"request": body, "input": body["inputs"][0], "output": body["outputs"][0]}[where]
+    target["parameters"] = value
+    async with running() as c:
+        reply = await c.post("/v2/models/intel-scenes-decoder/infer", json=body)
+    assert reply.status_code == 400 and "parameters" in reply.json()["error"], reply.text
+
+
+async def test_a_dead_version_whose_reload_fails_keeps_liveness_failing(repo, monkeypatch):
+    """The dead version stays listed until a new one loads: a poll that cannot load it again
+    must not turn liveness back to 200 with nothing serving."""
+    async with running(model_dir=repo) as c:
+        repository = c.app.state.plane.repository
+        decoder = repository.resolve("other", None).batchers["decoder"]
+        while decoder.healthy:
+            _break(decoder)
+            await asyncio.sleep(0.1)
+
+        async def cannot_load(*args, **kwargs):
+            raise RuntimeError("injected: the version cannot load now")
+
+        monkeypatch.setattr("service.repository.repository.open_version", cannot_load)
+        await repository.sync()
+        live = await c.get("/healthz")
+        listed = {(r["name"], r["state"]) for r in (await c.get("/models")).json()["models"]}
+    assert live.status_code == 503 and ("other", "UNAVAILABLE") in listed
+
+
+async def test_latest_two_keeps_both_old_versions_when_the_newest_is_corrupt(tmp_path):
+    publish(tmp_path, "intel-scenes", 1)
+    publish(tmp_path, "intel-scenes", 2)
+    async with running(model_dir=tmp_path, version_policy="latest:2") as c:
+        repository = c.app.state.plane.repository
+        publish(tmp_path, "intel-scenes", 3, corrupt=True)
+        await repository.sync()
+        served = sorted(repository.served["intel-scenes"])
+        pinned = await c.get("/model", params={"version": 1})
+    assert served == [1, 2] and pinned.status_code == 200
+
+
+def test_a_damaged_control_state_file_is_ignored(tmp_path):
+    from service.repository.control import ControlState, SharedState
+
+    path = tmp_path / "model-control.json"
+    for garbage in ("{not json", "[1, 2]", '{"unloaded": 3}'):
+        path.write_text(garbage)
+        assert SharedState(path).read() == ControlState()
+    state = SharedState(path).update(lambda s: s.unload("other"))
+    assert SharedState(path).read() == state and state.unloaded == {"other"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from pathlib import Path
 from service import workers
 
 FILE = "model-control.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,12 @@ class SharedState:
             return self._state
         try:
             body = json.loads(self.path.read_text())
+            return ControlState(frozenset(body["unloaded"]), dict(body["loads"]))
         except FileNotFoundError:
             return ControlState()
-        return ControlState(frozenset(body["unloaded"]), dict(body["loads"]))
+        except (ValueError, KeyError, TypeError) as exc:  # not ours, or damaged: serve the folder
+            log.warning("ignoring %s, which is not a model control state: %s", self.path, exc)
+            return ControlState()
 
     def update(self, change: Callable[[ControlState], ControlState]) -> ControlState:
         """Apply `change` to the current state and store the result (one writer at a time)."""

@@ -37,6 +37,9 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# How long a retired version waits for its leased requests beyond AE_QUEUE_TIMEOUT_S (a body
+# still arriving); then it stops, and what is left gets 503 `shutting_down`.
+DRAIN_S = 30.0
 # A model's name is one folder under the repository: no separators, no `.` or `..`.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -142,15 +145,23 @@ class Repository:
     async def _sync_one(self, name: str) -> list[int]:
         available = manifest.versions(Path(self.settings.model_dir) / name)
         available = available if self.allowed(name) else []
+        latest = self.policy(name).startswith("latest")
         wanted = set(wanted_versions(self.policy(name), available))
         have = dict(self.served.get(name, {}))
+        for key in [k for k in self.failed if k[0] == name and k[1] not in available]:
+            del self.failed[key]  # its folder is gone: nothing to report any more
         delta = []
         for version in [v for v, served in have.items() if not served.healthy]:
-            self._retire(have.pop(version))  # its inference thread is gone: load it anew
+            # Its inference thread is gone: load it anew. Until that succeeds the dead one stays
+            # published, so liveness keeps failing and the orchestrator restarts the process.
+            dead = have[version]
+            if await self._add(name, version, have):
+                self._retire(dead)
+                delta.append(version)
         for version in sorted(wanted - set(have)):
             if await self._add(name, version, have):
                 delta.append(version)
-        if not have and self.policy(name).startswith("latest"):
+        if not have and latest:
             # None of the newest loads (a corrupt publish): serve the newest that does, as the
             # processes started before it still do.
             for version in sorted(set(available) - wanted, reverse=True):
@@ -159,9 +170,12 @@ class Repository:
                                 "load", name, version)  # fmt: skip
                     delta.append(version)
                     break
-        # Retire only what a loaded version replaces: a failed load keeps the old one.
+        # Retire only what a loaded version replaces: a failed load keeps the old one (with
+        # latest:N, as many of the newest old ones as wanted versions failed).
         if not wanted or set(have) & wanted:
-            for version in sorted(set(have) - wanted):
+            surplus = sorted(set(have) - wanted)
+            keep = len(wanted) - len(set(have) & wanted) if latest else 0
+            for version in surplus[: max(0, len(surplus) - keep)]:
                 self._retire(have.pop(version))
                 delta.append(-version)
         self._publish(name, have)
@@ -207,7 +221,10 @@ class Repository:
         task.add_done_callback(self._retiring.discard)
 
     async def _drain(self, served: ModelVersion) -> None:
-        while served.leases:  # requests that started on this version finish on it
+        # Requests that started on this version finish on it, within a bound: a client trickling
+        # its body must not keep a retired version's sessions alive.
+        deadline = time.monotonic() + DRAIN_S + self.settings.queue_timeout_s
+        while served.leases and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await served.stop()
         log.info("model %s v%d retired", served.name, served.version)
@@ -250,16 +267,19 @@ class Repository:
         """Make this process serve what the control state says (it may have been changed by
         another worker)."""
         async with self._following:
-            seen, self._seen = self._seen, state
+            seen = self._seen
             for name in sorted(state.unloaded - seen.unloaded):
                 async with self._lock:
                     if versions := self.served.pop(name, None):
                         for served in versions.values():
                             self._retire(served)
                         self._changed()
+            # The loads count as seen only once done: one that fails is tried again next round.
+            self._seen = ControlState(state.unloaded, seen.loads)
             again = {n for n, count in state.loads.items() if seen.loads.get(n) != count}
             if again := sorted((again | (seen.unloaded - state.unloaded)) - state.unloaded):
                 await self.sync(again)
+            self._seen = state
 
     async def follow(self, poll_s: float, state_s: float) -> None:
         """Read the folder every `poll_s` (0: never) and the shared control state every
@@ -293,6 +313,8 @@ class Repository:
         if task != DENOISE:
             return self.settings.model_name
         name = self.settings.denoise_model
+        if name and name not in self.served:
+            self.check_loading(name)
         if not name or name not in self.served:
             raise NotFound(  # `not_found`, as before denoisers were repository models
                 f"no denoising model is served as AE_DENOISE_MODEL ({name!r}); name a served "
@@ -307,9 +329,7 @@ class Repository:
         name = self.default_name(task) if name is None else name
         versions = self.served.get(name)
         if not versions:
-            if any(n == name for n, _ in self.loading):
-                raise Unavailable(f"model {name!r} is loading; retry shortly", "model_loading",
-                                  self.settings.retry_after_s)  # fmt: skip
+            self.check_loading(name)
             raise ModelNotFound(f"model {name!r} is not served; GET /models lists what is")
         if version is None:
             served = versions[max(versions)]
@@ -323,6 +343,12 @@ class Repository:
             raise ModelNotFound(f"model {name!r} does not serve {task!r}; it serves "
                                 f"{served.tasks}")  # fmt: skip
         return served
+
+    def check_loading(self, name: str) -> None:
+        """503 `model_loading` for a model loaded for the first time now."""
+        if any(n == name for n, _ in self.loading):
+            raise Unavailable(f"model {name!r} is loading; retry shortly", "model_loading",
+                              self.settings.retry_after_s)  # fmt: skip
 
     def versions(self) -> list[ModelVersion]:
         """Every version serving now."""

@@ -26,7 +26,8 @@ router = APIRouter(tags=["inference"])
     description="Each image through a model that declares the `denoise` task (`?model=`, by "
     f"default AE_DENOISE_MODEL), at its input size. {IMAGE_INPUTS} "
     "`Accept: application/x-npy` returns a float32 [N, H, W, 3] .npy array in [0, 1]. "
-    "404 `model_not_found` when no such model is served.",
+    "404 `not_found` when no default denoising model is served, `model_not_found` for a "
+    "`?model=` that is not served or does not declare the task.",
     response_model=None,
     responses={
         **responses(DenoiseResponse, npy=True),

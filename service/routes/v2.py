@@ -138,6 +138,7 @@ def _target(repository: Repository, name: str) -> tuple[str, str]:
         base = name.removesuffix(suffix)
         if base != name and suffix in _kinds_of(repository, base):
             return base, suffix
+    repository.check_loading(name)
     raise ModelNotFound(f"no model {name!r}; this server has {v2_names(repository)}")
 
 
@@ -364,7 +365,7 @@ def _input(model: V2Model, spec: Any, binary: bytes, settings: Settings) -> tupl
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise ProtocolError("`shape` must be a list of non-negative integers")
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(spec).get("binary_data_size")
     if size is not None and (not isinstance(size, int) or size != len(binary)):
         raise ProtocolError(
             f"binary_data_size is {size!r}, the binary part of the body has {len(binary)} bytes"
@@ -396,6 +397,16 @@ def _input(model: V2Model, spec: Any, binary: bytes, settings: Settings) -> tupl
     if model.input == "image":
         return validate_tensors(array.astype(np.float32), served.spec), shape[0]
     return validate_latents(array, served.latent_dim), shape[0]  # type: ignore[union-attr]
+
+
+def _parameters(item: dict) -> dict:
+    """An object's `parameters`: an object, or absent."""
+    parameters = item.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError("`parameters` must be an object")
+    return parameters
 
 
 def _json_data(data: Any, count: int) -> np.ndarray:
@@ -438,7 +449,7 @@ def _files(shape: list[int], binary: bytes | None) -> Parsed:
 def _outputs(model: V2Model, header: dict) -> dict[str, bool]:
     """The outputs asked for (all when none are named), each with whether it is wanted in
     binary (default: JSON)."""
-    binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    binary = bool(_parameters(header).get("binary_data_output", False))
     outputs = header.get("outputs")
     if outputs is None:
         return dict.fromkeys(model.outputs, binary)
@@ -454,7 +465,7 @@ def _outputs(model: V2Model, header: dict) -> dict[str, bool]:
         if name not in model.outputs or name in wanted:
             raise ProtocolError(f"model {model.name!r} has outputs {model.outputs}, each asked "
                                 f"for once; got {name!r}")  # fmt: skip
-        wanted[name] = bool((output.get("parameters") or {}).get("binary_data", binary))
+        wanted[name] = bool(_parameters(output).get("binary_data", binary))
     return wanted
 
 
