@@ -19,7 +19,7 @@ from training import augment, cli, data
 from training.architectures import build
 from training.onnx_export import parity, to_onnx
 from training.selfsup import SelfSupervisedAutoencoder, nt_xent, vicreg
-from training.train import TrainConfig, load_autoencoder, train
+from training.train import TrainConfig, load_autoencoder, load_split, train
 
 SEED = tf.constant([3, 4], tf.int64)
 
@@ -200,3 +200,51 @@ def test_hybrid_exports_with_the_contract(tmp_path, images):
     assert parity(encoder, to_onnx(encoder, "image", "latent", tmp_path / "e.onnx"), x) < 1e-4
     z = encoder(x).numpy()
     assert parity(decoder, to_onnx(decoder, "latent", "image", tmp_path / "d.onnx"), z) < 1e-4
+
+
+def test_a_run_from_before_the_options_resumes(tmp_path):
+    """A run folder written by the plain Keras autoencoder (the training before these options)
+    resumes: its weights and optimizer step load into the new training model, history goes on."""
+    import keras
+
+    from training.architectures import autoencoder
+    from training.selfsup import rounded_accuracy
+    from training.train import EpochTimer
+
+    shutil.copytree(SCENES, tmp_path / "scenes")
+    run = tmp_path / "run"
+    old = TrainConfig(data=str(tmp_path / "scenes"), out=str(run), epochs=1, batch_size=8,
+                      val_fraction=0.2)  # fmt: skip
+    run.mkdir()
+    train_set, val_set = load_split(old, run)
+    config = {k: v for k, v in old.__dict__.items() if k in OLD_FIELDS}
+    (run / "config.json").write_text(json.dumps(config))
+    encoder, decoder = build("spatial", (128, 128, 3), 1024)
+    model = autoencoder(encoder, decoder)  # as train() built, compiled and fitted it then
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", metrics=[rounded_accuracy])
+    x, v = to_float(train_set.images), to_float(val_set.images)
+    model.fit(x, x, validation_data=(v, v), batch_size=8, epochs=1, verbose=0, callbacks=[
+        EpochTimer(),
+        keras.callbacks.BackupAndRestore(str(run / "backup"), delete_checkpoint=False),
+        keras.callbacks.ModelCheckpoint(str(run / "best.keras"), save_best_only=True),
+        keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=2),
+        keras.callbacks.CSVLogger(str(run / "history.csv")),
+    ])  # fmt: skip
+
+    fresh = SelfSupervisedAutoencoder(*build("spatial", (128, 128, 3), 1024))
+    fresh.compile(optimizer=keras.optimizers.Adam(1e-3))
+    fresh.optimizer.build(fresh.trainable_variables)
+    fresh.load_weights(run / "backup" / "latest.weights.h5")
+    for got, saved in zip(fresh.encoder.get_weights(), encoder.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, saved)
+    assert int(fresh.optimizer.iterations) == int(model.optimizer.iterations) > 0
+
+    train(TrainConfig(**{**config, "epochs": 2}), resume=True)
+    rows = _rows(run)
+    assert [row["epoch"] for row in rows] == [0, 1]
+    assert set(rows[0]) == set(rows[1])  # the same columns as before
+    assert json.loads((run / "config.json").read_text())["invariance_weight"] == 0
+
+
+OLD_FIELDS = {"data", "out", "arch", "epochs", "batch_size", "learning_rate", "latent_dim",
+              "height", "width", "val_fraction", "val_dir", "limit", "flip", "patience", "seed"}  # fmt: skip
