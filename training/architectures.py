@@ -90,6 +90,31 @@ def _residual(x, filters: int):
     return layers.Activation("relu")(layers.Add()([x, y]))
 
 
+def _strided_trunk(inputs):
+    """The image down to 8x8x128 for 128x128 (stride-2 convs, residual blocks between)."""
+    x = _conv(32, strides=2)(inputs)  # 64x64
+    x = _conv(64, strides=2)(x)  # 32x32
+    x = _residual(x, 64)
+    x = _conv(128, strides=2)(x)  # 16x16
+    x = _residual(x, 128)
+    x = _conv(128, strides=2)(x)  # 8x8
+    return _residual(x, 128)
+
+
+def _upsampling_head(y):
+    """From the code's grid (after its first conv) back to the image, x16 in transposed convs."""
+    y = _residual(y, 128)
+    y = _up(128)(y)  # 16x16
+    y = _residual(y, 128)
+    y = _up(64)(y)  # 32x32
+    y = _residual(y, 64)
+    y = _up(32)(y)  # 64x64
+    y = _conv(32)(y)
+    return layers.Conv2DTranspose(
+        3, 4, strides=2, padding="same", activation="sigmoid", name="image"
+    )(y)  # 128x128
+
+
 @architecture("spatial")
 def spatial(input_shape=(128, 128, 3), latent_dim=1024):
     """Strided encoder to a spatial code (8x8x16 for 128x128 and 1024): keeps where things are.
@@ -103,13 +128,7 @@ def spatial(input_shape=(128, 128, 3), latent_dim=1024):
     code_channels = latent_dim // (grid_h * grid_w)
 
     inputs = keras.Input(input_shape, name="image")
-    x = _conv(32, strides=2)(inputs)  # 64x64
-    x = _conv(64, strides=2)(x)  # 32x32
-    x = _residual(x, 64)
-    x = _conv(128, strides=2)(x)  # 16x16
-    x = _residual(x, 128)
-    x = _conv(128, strides=2)(x)  # 8x8
-    x = _residual(x, 128)
+    x = _strided_trunk(inputs)
     x = layers.Conv2D(code_channels, 1, name="code")(x)
     latent = layers.Flatten(name="latent")(x)
     encoder = keras.Model(inputs, latent, name="encoder")
@@ -117,16 +136,7 @@ def spatial(input_shape=(128, 128, 3), latent_dim=1024):
     code = keras.Input((latent_dim,), name="latent")
     y = layers.Reshape((grid_h, grid_w, code_channels))(code)
     y = _conv(128)(y)
-    y = _residual(y, 128)
-    y = _up(128)(y)  # 16x16
-    y = _residual(y, 128)
-    y = _up(64)(y)  # 32x32
-    y = _residual(y, 64)
-    y = _up(32)(y)  # 64x64
-    y = _conv(32)(y)
-    image = layers.Conv2DTranspose(
-        3, 4, strides=2, padding="same", activation="sigmoid", name="image"
-    )(y)  # 128x128
+    image = _upsampling_head(y)
     decoder = keras.Model(code, image, name="decoder")
     return encoder, decoder
 
@@ -151,13 +161,7 @@ def hybrid(input_shape=(128, 128, 3), latent_dim=1024, global_dim=256):
         raise ValueError("hybrid needs global_dim < latent_dim")
 
     inputs = keras.Input(input_shape, name="image")
-    x = _conv(32, strides=2)(inputs)  # 64x64
-    x = _conv(64, strides=2)(x)  # 32x32
-    x = _residual(x, 64)
-    x = _conv(128, strides=2)(x)  # 16x16
-    x = _residual(x, 128)
-    x = _conv(128, strides=2)(x)  # 8x8
-    x = _residual(x, 128)
+    x = _strided_trunk(inputs)
     local = layers.Conv2D(code_channels - global_channels, 1, name="code")(x)
     summary = layers.Dense(global_dim, name="global_code")(layers.GlobalAveragePooling2D()(x))
     summary = layers.Reshape((grid_h, grid_w, global_channels))(summary)
@@ -168,16 +172,7 @@ def hybrid(input_shape=(128, 128, 3), latent_dim=1024, global_dim=256):
     grid = layers.Reshape((grid_h, grid_w, code_channels))(code)
     everywhere = layers.Reshape((grid_h, grid_w, code_channels))(layers.Dense(latent_dim)(code))
     y = _conv(128)(layers.Concatenate()([grid, everywhere]))
-    y = _residual(y, 128)
-    y = _up(128)(y)  # 16x16
-    y = _residual(y, 128)
-    y = _up(64)(y)  # 32x32
-    y = _residual(y, 64)
-    y = _up(32)(y)  # 64x64
-    y = _conv(32)(y)
-    image = layers.Conv2DTranspose(
-        3, 4, strides=2, padding="same", activation="sigmoid", name="image"
-    )(y)  # 128x128
+    image = _upsampling_head(y)
     decoder = keras.Model(code, image, name="decoder")
     return encoder, decoder
 
