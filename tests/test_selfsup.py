@@ -248,3 +248,43 @@ def test_a_run_from_before_the_options_resumes(tmp_path):
 
 OLD_FIELDS = {"data", "out", "arch", "epochs", "batch_size", "learning_rate", "latent_dim",
               "height", "width", "val_fraction", "val_dir", "limit", "flip", "patience", "seed"}  # fmt: skip
+
+
+def test_init_from_copies_a_published_versions_weights(tmp_path, images):
+    """A run started from models/intel-scenes/3 begins as that version: the Keras encoder and
+    decoder give what its ONNX graphs give on real images, and the run records where from."""
+    from aecore.runner import Autoencoder
+    from tests.conftest import DEFAULT_MODEL_DIR
+    from training import warmstart
+
+    version = DEFAULT_MODEL_DIR / "intel-scenes" / "3"
+    encoder, decoder = build("spatial", (128, 128, 3), 1024)
+    start = warmstart.initialise(encoder, decoder, version, "spatial", 1024)
+    assert start["model"] == "intel-scenes/3"
+    assert max(start["parity"].values()) <= 1e-4
+    latents, outputs = Autoencoder(version).reconstruct_all(images)
+    np.testing.assert_allclose(encoder(to_float(images)).numpy(), latents, atol=1e-4)
+    np.testing.assert_allclose(decoder(latents).numpy(), outputs, atol=1e-4)
+
+    other, _ = build("hybrid", (128, 128, 3), 1024)
+    with pytest.raises(ValueError, match="spatial"):  # another architecture is refused
+        warmstart.initialise(other, decoder, version, "hybrid", 1024)
+
+    run = tmp_path / "run"
+    config = TrainConfig(
+        data=str(SCENES), out=str(run), epochs=1, batch_size=8, val_fraction=0.2,
+        learning_rate=1e-6, init_from=str(version),
+    )  # fmt: skip
+    train(config)
+    recorded = json.loads((run / "init.json").read_text())
+    assert recorded["encoder_sha256"] == manifest_hash(version, "encoder")
+    # One step at a tiny rate leaves the reconstructions those of the version it started from.
+    trained_encoder, trained_decoder = load_autoencoder(run)
+    again = trained_decoder(trained_encoder(to_float(images))).numpy()
+    assert np.abs(again - outputs).max() < 0.02
+
+
+def manifest_hash(version, part: str) -> str:
+    from aecore import manifest
+
+    return manifest.read(version)["files"]["sha256"][part]

@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument(
+        "--init-from",
+        help="start from a published model version's weights (e.g. models/intel-scenes/3)",
+    )
     ssl = t.add_argument_group(
         "self-supervised terms (docs/training.md); off by default, kept by --resume"
     )

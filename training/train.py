@@ -4,6 +4,7 @@ A run folder holds:
   config.json        what was asked (data, arch, sizes, seed, split, loss terms, schedule)
   split.json         the train/validation file lists, so export and calibration reuse them
   history.csv        one row per epoch (losses, rounded_accuracy, learning rate, seconds)
+  init.json          with --init-from: the model version the weights started from
   best.keras         the autoencoder (encoder + decoder) with the lowest val_loss so far
   backup/            Keras' BackupAndRestore state for resuming an interrupted run
 
@@ -26,6 +27,7 @@ import tensorflow as tf
 
 from aecore.preprocessing import ImageSpec
 from training import data as data_mod
+from training import warmstart
 from training.architectures import autoencoder, build
 from training.selfsup import INVARIANCE_LOSSES, SelfSupervisedAutoencoder, rounded_accuracy
 
@@ -56,6 +58,8 @@ class TrainConfig:
     mask_ratio: float = 0.0
     ssim_weight: float = 0.0
     schedule: str = "plateau"
+    # A published model version (folder) whose weights the run starts from (training.warmstart).
+    init_from: str | None = None
 
     def __post_init__(self):
         if self.invariance_loss not in INVARIANCE_LOSSES:
@@ -195,6 +199,12 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     )
 
     encoder, decoder = build(config.arch, config.spec.shape, config.latent_dim)
+    if config.init_from and not resume:  # a resumed run restores its own weights
+        start = warmstart.initialise(
+            encoder, decoder, Path(config.init_from), config.arch, config.latent_dim
+        )
+        (run_dir / "init.json").write_text(json.dumps(start, indent=2))
+        log.info("weights from %s (parity %s)", start["model"], start["parity"])
     model = SelfSupervisedAutoencoder(
         encoder,
         decoder,
