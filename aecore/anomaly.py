@@ -16,9 +16,21 @@ and latents) to one score per image, higher meaning more anomalous:
 - `structure`: one minus the multi-scale SSIM of input and reconstruction;
 - `features`: PaDiM-style density of the encoder's own intermediate features per spatial
   position (a mean per position, one shared covariance), mean of the distance map;
+- `photometric`: Mahalanobis distance of where the tonal range sits (black and white points,
+  median, contrast, saturation, on log scales) under a Gaussian of training images:
+  brightness, contrast and exposure shifts and veils (frost, haze) whatever the scene;
+- `resampling`: Mahalanobis distance of the power spectrum's local slopes up to and past
+  Nyquist and of edge-orientation coherence at three scales: evidence of pixels moved and
+  interpolated (elastic and zoom warps), smoothed (blur) or quantised (JPEG), independent of
+  contrast and of any block grid;
+- `typicality`: Mahalanobis distance of each encoder feature channel's pooled log mean and
+  spread (both stages of `features.onnx`) under a Ledoit-Wolf Gaussian of training images:
+  whether the image's mix of textures is that of the training scenes (off-domain photos);
 - `combined`: each of its parts put on the scale of its own held-out normal images (0 at their
   median, 1 at their 99th percentile; two-sided parts on the log scale, distance from the
-  median either way), then the largest: as anomalous as the most alarmed.
+  median either way), then the largest: as anomalous as the most alarmed. Its parts are the
+  ones its manifest's normalisation lists, so versions published before a part existed serve
+  exactly as before.
 
 Served scores are normalised to (0, 1) with the threshold at 0.5 (as anomalib does): a logistic
 map of the raw score, centred on the calibrated threshold, one unit being the distance from the
@@ -35,6 +47,7 @@ the combined scorer's normalisation and each scorer's 0-1 map; the Gaussians sit
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +149,81 @@ def texture_statistics(inputs: np.ndarray, scales: int = 3) -> np.ndarray:
     return rows
 
 
+def photometric_statistics(inputs: np.ndarray) -> np.ndarray:
+    """Per image, where the tonal range sits: log distances of the brightest channel's (HSV
+    value's) 1st, 10th percentiles from black and of its 90th, 99th from white, its median,
+    the darkest channel's 1st percentile, the grey image's spread and the median and 90th
+    percentile of saturation: 9 numbers.
+
+    Photos nearly always hold near-black and near-white pixels; a brightness, contrast or
+    exposure shift (or a veil such as frost) lifts the black point or lowers the white point
+    whatever the scene, which the colour means barely show. Logs, so that a black point moving
+    from 0.01 to 0.1 counts as much as one moving from 0.1 to 1.
+    """
+    eps = 1.0 / 255
+    rows = np.empty((len(inputs), 9))
+    for i, image in enumerate(inputs.astype(np.float32)):
+        value, low = image.max(axis=-1), image.min(axis=-1)
+        saturation = (value - low) / np.maximum(value, eps)
+        v1, v10, v50, v90, v99 = np.quantile(value, [0.01, 0.1, 0.5, 0.9, 0.99])
+        s50, s90 = np.quantile(saturation, [0.5, 0.9])
+        rows[i] = np.log(
+            [v1 + eps, v10 + eps, 1 - v90 + eps, 1 - v99 + eps, v50 + eps,
+             np.quantile(low, 0.01) + eps, image.mean(axis=-1).std() + eps, s50 + eps, s90 + eps]
+        )  # fmt: skip
+    return rows
+
+
+# Radial frequency bands (cycles per pixel) of `resampling_statistics`: octave-like steps up
+# to Nyquist (0.5) and the corners beyond it along the diagonals.
+SPECTRUM_BANDS = (0.03, 0.06, 0.1, 0.15, 0.21, 0.28, 0.35, 0.42, 0.5, 0.71)
+COHERENCE_SCALES = 3
+
+
+def resampling_statistics(inputs: np.ndarray) -> np.ndarray:
+    """Per image, evidence that its pixels were moved and interpolated: the shape of the grey
+    image's power spectrum (the log power of each radial band of `SPECTRUM_BANDS`,
+    Hann-windowed, minus that of the band below it: 8 local slopes) and the log orientation
+    coherence of its strongest edges at `COHERENCE_SCALES` pyramid levels: 11 numbers.
+
+    Natural images fall off as a power law with a narrow spread of slopes; an elastic warp
+    (each pixel moved about a pixel its own way, then interpolated) leaks power from the band
+    below Nyquist into the diagonal corners and frays straight edges at the finest scales
+    while coarser ones stay coherent; blur and JPEG quantisation cut the bands near Nyquist
+    and smooth edges into coherence. Differences of logs and coherence ignore contrast, and
+    nothing here depends on where a block grid falls, so resizing a user's image neither fakes
+    nor hides them.
+    """
+    n, h, w = inputs.shape[:3]
+    window = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    radius = np.sqrt(fy * fy + fx * fx)
+    bands = [(radius >= a) & (radius < b) for a, b in itertools.pairwise(SPECTRUM_BANDS)]
+    rows = np.empty((n, len(bands) - 1 + COHERENCE_SCALES))
+    for i, image in enumerate(inputs.astype(np.float32)):
+        grey = image.mean(axis=-1)
+        power = np.abs(np.fft.rfft2((grey - grey.mean()) * window)) ** 2
+        logs = np.log([power[band].mean() + 1e-12 for band in bands])
+        rows[i, : len(bands) - 1] = np.diff(logs)
+        rows[i, len(bands) - 1 :] = np.log(_edge_coherence(grey, COHERENCE_SCALES))
+    return rows
+
+
+def _edge_coherence(grey: np.ndarray, scales: int) -> list[float]:
+    """Mean structure-tensor coherence (0 for no direction, 1 for a straight edge) of the
+    strongest fifth of the gradients, at each of `scales` pyramid levels."""
+    out = []
+    for _ in range(scales):
+        gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)
+        gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3)
+        jxx, jyy, jxy = (cv2.GaussianBlur(m, (0, 0), 1.0) for m in (gx * gx, gy * gy, gx * gy))
+        trace = jxx + jyy
+        coherence = np.sqrt((jxx - jyy) ** 2 + 4 * jxy * jxy) / (trace + 1e-9)
+        out.append(float(coherence[trace >= np.quantile(trace, 0.8)].mean()) + 1e-6)
+        grey = cv2.pyrDown(grey)
+    return out
+
+
 def _ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM of two [H, W, 3] images in [0, 1] (Wang et al. 2004, Gaussian window 1.5)."""
     c1, c2 = 0.01**2, 0.03**2
@@ -204,6 +292,24 @@ class FeatureDensity:
         return self.distance_maps(ev.inputs).mean(axis=(1, 2), dtype=np.float64)
 
 
+def feature_statistics(maps: np.ndarray) -> np.ndarray:
+    """[N, 2C] from feature maps [N, h, w, C]: each channel's log mean and log spread over the
+    positions (what the image holds, wherever it is: a style, not a layout)."""
+    flat = maps.reshape(len(maps), -1, maps.shape[-1]).astype(np.float64)
+    return np.log(np.concatenate([flat.mean(1), flat.std(1)], axis=1) + 1e-6)
+
+
+class FeatureTypicality(FeatureDensity):
+    """Whether an image's encoder features are typical as a whole: the Mahalanobis distance of
+    `feature_statistics` of both stages' maps under a Gaussian of training images (Ledoit-Wolf).
+    `features` asks whether each position looks like that position in training scenes; this
+    asks whether the mix of textures and materials does, which an off-domain photo fails
+    wherever it puts them."""
+
+    def __call__(self, ev: Evidence) -> np.ndarray:
+        return mahalanobis(feature_statistics(self.features(ev.inputs)), self.mean, self.precision)
+
+
 Scorer = Callable[[Evidence], np.ndarray]
 
 # What each density scorer measures; its Gaussian is stored as <name>_mean, <name>_precision.
@@ -211,6 +317,8 @@ DENSITY_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
     "latent": lambda ev: ev.latents,
     "colour": lambda ev: colour_statistics(ev.inputs),
     "texture": lambda ev: texture_statistics(ev.inputs),
+    "photometric": lambda ev: photometric_statistics(ev.inputs),
+    "resampling": lambda ev: resampling_statistics(ev.inputs),
 }
 
 
@@ -227,17 +335,34 @@ def density_scorer(name: str, mean: np.ndarray, precision: np.ndarray) -> Scorer
     return lambda ev: mahalanobis(features(ev), mean, precision)
 
 
-def combined_scorer(parts: dict[str, Scorer], norms: dict[str, dict[str, float]]) -> Scorer:
-    """The largest normalised score over `parts`; `norms` gives each part's centre and scale,
-    and for a two-sided part (`two_sided`) the centre and scale of its log."""
+# How `combined` joins its normalised parts [parts, N]: `max`, as anomalous as the most alarmed
+# part (every version before issue 25); `sum`, the parts' excess over their normal medians
+# added up, so that several parts each moderately alarmed (a brightness shift lifts the
+# photometric, colour and feature parts a little each) count for more than one.
+AGGREGATES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "max": lambda z: z.max(axis=0),
+    "sum": lambda z: np.maximum(z, 0.0).sum(axis=0),
+}
 
-    def score(ev: Evidence) -> np.ndarray:
-        return np.max(np.stack([_normalised(parts[n](ev), norm) for n, norm in norms.items()]), 0)
 
-    return score
+def combined_scorer(
+    parts: dict[str, Scorer], norms: dict[str, dict[str, float]], aggregate: str = "max"
+) -> Scorer:
+    """`parts` normalised (`norms` gives each part's centre and scale, and for a two-sided part
+    (`two_sided`) the centre and scale of its log), joined by `aggregate`."""
+    return lambda ev: combine({name: parts[name](ev) for name in norms}, norms, aggregate)
 
 
-def _normalised(scores: np.ndarray, norm: dict) -> np.ndarray:
+def combine(
+    scores: dict[str, np.ndarray], norms: dict[str, dict[str, float]], aggregate: str = "max"
+) -> np.ndarray:
+    """The parts' scores, each normalised as `norms` says, joined by `AGGREGATES[aggregate]`."""
+    z = np.stack([normalised_part(scores[n], norm) for n, norm in norms.items()])
+    return AGGREGATES[aggregate](z)
+
+
+def normalised_part(scores: np.ndarray, norm: dict) -> np.ndarray:
+    """One part's scores on the combined scale that `normalisation` fitted."""
     if norm.get("two_sided"):
         return np.abs(np.log(np.maximum(scores, 1e-12)) - norm["center"]) / norm["scale"]
     return (scores - norm["center"]) / norm["scale"]
@@ -317,12 +442,20 @@ class AnomalyScorers:
                 _check_hash(graph, spec.get("graph_sha256"))
                 mean, precision = gaussians["features_mean"], gaussians["features_precision"]
                 self._scorers[name] = FeatureDensity(graph, mean, precision)
+            elif name == "typicality":
+                graph = Path(folder) / spec["graph"]
+                _check_hash(graph, spec.get("graph_sha256"))
+                mean, precision = gaussians["typicality_mean"], gaussians["typicality_precision"]
+                self._scorers[name] = FeatureTypicality(graph, mean, precision)
             elif name in DENSITY_FEATURES:
                 mean, precision = gaussians[f"{name}_mean"], gaussians[f"{name}_precision"]
                 self._scorers[name] = density_scorer(name, mean, precision)
         if "combined" in specs:
             norms = specs["combined"]["normalisation"]
-            self._scorers["combined"] = combined_scorer(dict(self._scorers), norms)
+            aggregate = specs["combined"].get("aggregate", "max")  # absent before issue 25
+            if aggregate not in AGGREGATES:
+                raise ValueError(f"unknown combined aggregate {aggregate!r} in the manifest")
+            self._scorers["combined"] = combined_scorer(dict(self._scorers), norms, aggregate)
         unknown = set(specs) - set(self._scorers)
         if unknown:
             raise ValueError(f"unknown anomaly scorer(s) {sorted(unknown)} in the manifest")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,6 +200,22 @@ def test_new_scorers_separate_corrupted_fixture_images_from_clean_ones(served_fo
     assert np.mean(clean_combined > 0.5) < 0.2
 
 
+def test_summed_combination_adds_the_parts_excess_over_their_medians():
+    """`sum` adds what each part has above its normal median (below counts as nothing):
+    two parts each at their 99th percentile add to 2, where `max` says 1; a manifest without
+    an aggregate (every version before issue 25) takes the maximum, an unknown one is refused."""
+    ev = _evidence(np.zeros((3, 2, 2, 3)), np.zeros((3, 2, 2, 3)))
+    parts = {"a": lambda e: np.array([2.0, 2.0, 0.0]), "b": lambda e: np.array([2.0, 0.0, 0.0])}
+    norms = {"a": {"center": 1.0, "scale": 1.0}, "b": {"center": 1.0, "scale": 1.0}}
+    np.testing.assert_allclose(anomaly.combined_scorer(parts, norms, "sum")(ev), [2.0, 1.0, 0.0])
+    np.testing.assert_allclose(anomaly.combined_scorer(parts, norms)(ev), [1.0, 1.0, -1.0])
+    block = {"scorer": "combined", "scorers": {"mse": {}, "combined": {"normalisation": {}}}}
+    block["scorers"]["combined"]["normalisation"]["mse"] = {"center": 0.0, "scale": 1.0}
+    block["scorers"]["combined"]["aggregate"] = "mean"
+    with pytest.raises(ValueError, match="aggregate"):
+        anomaly.AnomalyScorers(block, Path("."))
+
+
 def test_a_two_sided_part_flags_scores_too_low_as_well_as_too_high():
     normal = np.exp(np.random.default_rng(2).normal(0.0, 0.1, 1000))  # log-normal around 1
     norm = anomaly.normalisation(normal, two_sided=True)
@@ -208,3 +225,144 @@ def test_a_two_sided_part_flags_scores_too_low_as_well_as_too_high():
     low_high = anomaly.combined_scorer(part, {"s": norm})(ev)
     assert low_high[0] < 0.1 and low_high[1] == pytest.approx(low_high[2], rel=0.05)
     assert low_high[1] > 1.5  # 5 sigma either way is far past the 99th percentile (~2.6 sigma)
+
+
+def _half_fitted_density(name: str, clean: np.ndarray):
+    """A density scorer fitted on every other image; the rest are scored against it."""
+    from sklearn.covariance import LedoitWolf
+
+    ev = _evidence(clean[::2], clean[::2])
+    fit = LedoitWolf().fit(anomaly.DENSITY_FEATURES[name](ev))
+    return anomaly.density_scorer(name, fit.location_, fit.precision_)
+
+
+def test_photometric_part_sees_imagenet_c_brightness_on_real_photos(scene_paths):
+    """ImageNet-C brightness (HSV value lifted) at severity 2 lifts every photo's black point,
+    and the photometric density, fitted on other fixture photos, scores most lifted photos
+    above their originals; the colour means alone barely move in comparison."""
+    from training.anomaly import corrupt
+
+    u8 = np.round(_fixture_inputs(scene_paths) * 255).astype(np.uint8)
+    clean = u8.astype(np.float32) / 255
+    bright = corrupt(u8, "brightness", 2, seed=0).astype(np.float32) / 255
+    stats, lifted = anomaly.photometric_statistics(clean), anomaly.photometric_statistics(bright)
+    assert stats.shape == (len(clean), 9) and np.all(np.isfinite(stats))
+    assert np.all(lifted[:, 0] > stats[:, 0])  # the 1st percentile of value (black point) up
+    scorer = _half_fitted_density("photometric", clean)
+    held, held_bright = _evidence(clean[1::2], clean[1::2]), _evidence(bright[1::2], bright[1::2])
+    assert np.mean(scorer(held_bright) > scorer(held)) >= 0.8
+    assert np.median(scorer(held_bright)) > np.quantile(scorer(held), 0.9)
+
+
+def test_resampling_part_sees_an_elastic_warp_and_ignores_contrast(scene_paths):
+    """ImageNet-C elastic transform at severity 1 moves every pixel by about a pixel, each its
+    own way, and interpolates: power leaks into the diagonal corners beyond Nyquist and the
+    finest edges fray (less coherent), so a density of the originals scores the warped photos
+    above them; halving the contrast moves nothing."""
+    from sklearn.covariance import LedoitWolf
+
+    from training.anomaly import corrupt
+
+    u8 = np.round(_fixture_inputs(scene_paths) * 255).astype(np.uint8)
+    clean = u8.astype(np.float32) / 255
+    warped = corrupt(u8, "elastic_transform", 1, seed=0).astype(np.float32) / 255
+    stats, moved = anomaly.resampling_statistics(clean), anomaly.resampling_statistics(warped)
+    slopes = len(anomaly.SPECTRUM_BANDS) - 2
+    assert stats.shape == (len(clean), slopes + anomaly.COHERENCE_SCALES)
+    assert np.mean(moved[:, slopes - 1] > stats[:, slopes - 1]) >= 0.8  # corners gain
+    assert np.mean(moved[:, slopes] < stats[:, slopes]) >= 0.8  # finest edges fray
+    halved = 0.5 + 0.5 * (clean - clean.mean(axis=(1, 2, 3), keepdims=True))
+    np.testing.assert_allclose(anomaly.resampling_statistics(halved), stats, atol=0.02)
+    # A density fitted on these very originals (which favours them) still puts most of them
+    # below their severity-3 warps.
+    fit = LedoitWolf().fit(stats)
+    strong = anomaly.resampling_statistics(
+        corrupt(u8, "elastic_transform", 3, seed=0).astype(np.float32) / 255
+    )
+    before, after = (anomaly.mahalanobis(x, fit.location_, fit.precision_) for x in (stats, strong))
+    assert np.mean(after > before) >= 0.7
+
+
+def test_published_manifests_load_with_the_scorers_they_list_and_nothing_new(scene_paths):
+    """Versions made before the photometric, spectrum and typicality parts serve exactly their
+    own scorers: the combined score is the largest of the parts its normalisation lists."""
+    inputs = _fixture_inputs(scene_paths[:6])
+    for folder in sorted((DEFAULT_MODEL_DIR / "intel-scenes").glob("[0-9]*")):
+        block = manifest.read(folder)["anomaly"]
+        scorers, evidence = _served_scorers(folder)
+        assert set(scorers.names) == set(block["scorers"]), folder
+        assert not {"photometric", "resampling", "typicality"} & set(scorers.names)
+        ev = evidence(inputs)
+        norms = block["scorers"]["combined"]["normalisation"]
+        expected = np.max(
+            [anomaly.normalised_part(scorers.score(n, ev), norm) for n, norm in norms.items()], 0
+        )
+        np.testing.assert_allclose(scorers.score("combined", ev), expected)
+
+
+def test_cross_fitted_threshold_holds_the_target_where_an_in_sample_one_does_not():
+    """The largest of 10 normalised parts, thresholded on the images that normalised them,
+    flags more new normal images than the 1% target; cross-fitting on folds keeps near it."""
+    from training.anomaly import TWO_SIDED, cross_fitted_combined
+
+    rng = np.random.default_rng(3)
+    parts = tuple(f"p{i}" for i in range(10))
+    assert not set(parts) & set(TWO_SIDED)
+    in_sample, crossed = [], []
+    for _ in range(100):
+        calib = {p: rng.gamma(2.0, size=360) for p in parts}
+        fresh = {p: rng.gamma(2.0, size=4000) for p in parts}
+        norms = {p: anomaly.normalisation(calib[p]) for p in parts}
+
+        def combined(scores, norms=norms):
+            return np.max([anomaly.normalised_part(scores[p], norms[p]) for p in parts], 0)
+
+        for thresholds, values in ((in_sample, combined(calib)),
+                                   (crossed, cross_fitted_combined(calib, parts))):  # fmt: skip
+            thresholds.append(np.mean(combined(fresh) > anomaly.calibrate(values, 0.01)))
+    assert np.mean(in_sample) > 0.013  # about 1.5%
+    assert 0.007 < np.mean(crossed) < 0.012
+
+
+def test_new_parts_fit_calibrate_and_serve_through_a_copy_of_the_bundled_model(
+    served_folder, scene_paths, tmp_path
+):
+    """Gaussians refitted and scorers calibrated on the fixture photos: the block lists the new
+    parts with thresholds and loads as the service loads it, and the typicality of the
+    encoder's features puts photos from elsewhere (off-domain crops) above the scenes. (30
+    photos fit 384 feature statistics only in-sample: this checks the wiring and direction;
+    the report measures generalisation on held-out images.)"""
+    from aecore.preprocessing import resize_rgb
+    from aecore.runner import Autoencoder
+    from training.anomaly import (
+        BASE_SCORERS,
+        COMBINED_AGGREGATE,
+        COMBINED_PARTS,
+        calibrate_specs,
+        evidence,
+        fit_gaussians,
+        off_domain_photos,
+        scorer_specs,
+    )
+
+    folder = tmp_path / "3"
+    shutil.copytree(served_folder, folder)
+    u8 = np.round(_fixture_inputs(scene_paths) * 255).astype(np.uint8)
+    fit_gaussians(folder, u8)
+    runner = Autoencoder(folder, verify=False)  # the manifest still hashes the old Gaussians
+    normal = evidence(runner, u8)
+    specs = calibrate_specs(scorer_specs(folder), folder, normal, 0.05)
+    assert set(specs) == {*BASE_SCORERS, "combined"}
+    assert tuple(specs["combined"]["normalisation"]) == COMBINED_PARTS
+    assert {"photometric", "resampling"} <= set(COMBINED_PARTS)
+    assert specs["combined"]["aggregate"] == COMBINED_AGGREGATE
+    block = {"scorer": "combined", "scorers": specs}
+    served = anomaly.AnomalyScorers(block, folder)
+    assert all(name in served.thresholds for name in served.names)
+    spec = ImageSpec()
+    photos = [p for p in off_domain_photos() if min(p.shape[:2]) >= 128][:8]
+    crops = np.stack([resize_rgb(np.ascontiguousarray(p[: p.shape[1], : p.shape[0]]), spec)
+                      for p in photos])  # fmt: skip
+    elsewhere = evidence(runner, crops)
+    typical = served.score("typicality", normal)
+    assert np.median(served.score("typicality", elsewhere)) > np.quantile(typical, 0.9)
