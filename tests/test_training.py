@@ -171,6 +171,10 @@ def test_train_resume_export_gives_a_valid_model_folder(tmp_path):
     assert set(block["scorers"]) == {*anomaly.BASE_SCORERS, "combined"}
     assert set(block["evaluation"]["auroc"]["combined"]) == set(anomaly.KINDS)
     assert (folder / block["scorers"]["latent"]["file"]).is_file()
+    # The export fits the generation density too (its file hashed in `files`, checked above).
+    assert body["files"]["generator"] == body["generation"]["file"] == "generator.npz"
+    assert body["generation"]["classes"] == split["classes"]
+    assert "init_from" not in body["training"]  # trained from scratch
     for name in (
         "report.md",
         "reconstructions.png",

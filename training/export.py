@@ -14,7 +14,7 @@ import numpy as np
 from aecore import anomaly, manifest
 from aecore.preprocessing import ImageSpec, to_float
 from aecore.runner import Autoencoder
-from training import probe, report
+from training import generation, probe, report
 from training.anomaly import calibrate_and_evaluate, scorer_files
 from training.compare import compare
 from training.data import ImageSet
@@ -135,6 +135,7 @@ def export(
             "final_train_loss": last.get("loss"),
             "final_val_loss": last.get("val_loss"),
             "best_val_loss": min((r["val_loss"] for r in history if "val_loss" in r), default=None),
+            **initial_weights(run_dir),
         },
         "metrics": {
             "split": "validation",
@@ -146,13 +147,21 @@ def export(
         },
         "anomaly": calibrate_and_evaluate(staging, train_set, val_set, target_fpr, config.seed),
     }
-    train_latents = Autoencoder(staging, verify=False).encode_all(train_set.images)
+    runner = Autoencoder(staging, verify=False)
+    train_latents = runner.encode_all(train_set.images)
     body["metrics"]["linear_probe"] = probe.linear_probe(train_set, val_set, train_latents, latents)
+    if train_set.has_classes:  # the density is one Gaussian per class
+        body["generation"] = generation.fit_generator(
+            runner, staging, train_set, train_latents, val_set, latents
+        )
     if compare_seed:
         body["metrics"]["comparison"] = compare(staging, run_dir, baseline_run)
     write_report(staging / "report", body, val_set, outputs, latents, history)
     # The manifest's hashes cover every file the service reads: the scorers' files too.
-    body["files"] = manifest.file_entries(staging, {**GRAPH_FILES, **scorer_files(body["anomaly"])})
+    parts = {**GRAPH_FILES, **scorer_files(body["anomaly"])}
+    if "generation" in body:
+        parts["generator"] = body["generation"]["file"]
+    body["files"] = manifest.file_entries(staging, parts)
     manifest.write(staging, body)
     return manifest.publish(staging, model_root, version)
 
@@ -178,9 +187,17 @@ def write_report(
     }
     linear_probe = body.get("metrics", {}).get("linear_probe")
     (report_dir / "report.md").write_text(
-        report.markdown(body, figures) + probe.markdown(linear_probe)
+        report.markdown(body, figures)
+        + probe.markdown(linear_probe)
+        + generation.markdown(body.get("generation"))
     )
     return report_dir
+
+
+def initial_weights(run_dir: Path) -> dict:
+    """`init_from` for a run started from a published version's weights (training.warmstart)."""
+    path = Path(run_dir) / "init.json"
+    return {"init_from": json.loads(path.read_text())} if path.is_file() else {}
 
 
 def spec_of(folder: Path) -> ImageSpec:

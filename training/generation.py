@@ -250,6 +250,39 @@ def markdown(generation: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fit_generator(
+    ae: Autoencoder, folder: Path, train: ImageSet, train_z: np.ndarray, val: ImageSet,
+    val_z: np.ndarray,
+) -> dict:  # fmt: skip
+    """Choose and fit the generation density of a model folder's latents, write it to
+    `folder/generator.npz`, evaluate it (figure in `folder/report`); the manifest's block."""
+    family, density, candidates = choose_density(
+        train_z, train.labels, val_z, val.labels, train.classes
+    )
+    density.save(folder / GENERATOR_FILE)
+    evaluation = evaluate(ae, density, train, train_z, val, val_z, folder / "report")
+    low, high = TEMPERATURE_RANGE
+    return {
+        "file": GENERATOR_FILE,
+        "classes": density.classes,
+        "weights": (density.weights / density.weights.sum()).tolist(),
+        "family": family,
+        "fitted_on": f"latents of the {len(train)} training-split images, one Gaussian per class",
+        "candidates": candidates,
+        "chosen_by": "mean per-class log-likelihood of the validation latents",
+        "sampling": "rng = numpy default_rng(seed); without a class, classes ~ weights; "
+        "z = mean + temperature * (factor @ e + noise_std * e'), e ~ N(0, I_rank) then "
+        "e' ~ N(0, I_latent) from the same rng (aecore.generation.Density.sample)",
+        "temperature": {
+            "range": [low, high],
+            "min_exclusive": True,
+            "default": 1.0,
+            "meaning": "scales the spread around the class mean; 1 samples the fitted density",
+        },
+        "evaluation": evaluation,
+    }
+
+
 def add_generator(source: Path, data_root: Path, version: int | None = None) -> Path:
     """Publish the next version of `source`: its files unchanged, plus the generation density
     and the linear probe in its report. `data_root` is the folder it was trained on."""
@@ -270,14 +303,8 @@ def add_generator(source: Path, data_root: Path, version: int | None = None) -> 
         )
     ae = Autoencoder(source)
     train_z, val_z = ae.encode_all(train.images), ae.encode_all(val.images)
-    family, density, candidates = choose_density(
-        train_z, train.labels, val_z, val.labels, train.classes
-    )
-
     staging, root, version = manifest.stage_copy(source, version)
-    density.save(staging / GENERATOR_FILE)
     probe = linear_probe(train, val, train_z, val_z, config.seed)
-    evaluation = evaluate(ae, density, train, train_z, val, val_z, staging / "report")
 
     body = copy.deepcopy(body)
     body["derived_from"] = {
@@ -294,28 +321,9 @@ def add_generator(source: Path, data_root: Path, version: int | None = None) -> 
     body["training"]["data"] = data_name
     for run in body["metrics"].get("comparison", {}).get("runs", {}).values():
         run["data"] = data_name
+    body["generation"] = fit_generator(ae, staging, train, train_z, val, val_z)
     body["files"]["generator"] = GENERATOR_FILE
     body["files"]["sha256"]["generator"] = manifest.sha256_file(staging / GENERATOR_FILE)
-    low, high = TEMPERATURE_RANGE
-    body["generation"] = {
-        "file": GENERATOR_FILE,
-        "classes": density.classes,
-        "weights": (density.weights / density.weights.sum()).tolist(),
-        "family": family,
-        "fitted_on": f"latents of the {len(train)} training-split images, one Gaussian per class",
-        "candidates": candidates,
-        "chosen_by": "mean per-class log-likelihood of the validation latents",
-        "sampling": "rng = numpy default_rng(seed); without a class, classes ~ weights; "
-        "z = mean + temperature * (factor @ e + noise_std * e'), e ~ N(0, I_rank) then "
-        "e' ~ N(0, I_latent) from the same rng (aecore.generation.Density.sample)",
-        "temperature": {
-            "range": [low, high],
-            "min_exclusive": True,
-            "default": 1.0,
-            "meaning": "scales the spread around the class mean; 1 samples the fitted density",
-        },
-        "evaluation": evaluation,
-    }
     body["metrics"]["linear_probe"] = probe
     figures = {
         title: staging / "report" / name
