@@ -284,20 +284,31 @@ def test_resampling_part_sees_an_elastic_warp_and_ignores_contrast(scene_paths):
 
 
 def test_published_manifests_load_with_the_scorers_they_list_and_nothing_new(scene_paths):
-    """Versions made before the photometric, spectrum and typicality parts serve exactly their
-    own scorers: the combined score is the largest of the parts its normalisation lists."""
+    """Every published version serves exactly the scorers its manifest lists. Versions made
+    before the photometric, spectrum and typicality parts combine by the largest normalised
+    part; later ones sum each part's excess over its threshold (`"aggregate": "sum"`)."""
     inputs = _fixture_inputs(scene_paths[:6])
+    newer = {"photometric", "resampling", "typicality"}
+    aggregates = set()
     for folder in sorted((DEFAULT_MODEL_DIR / "intel-scenes").glob("[0-9]*")):
         block = manifest.read(folder)["anomaly"]
         scorers, evidence = _served_scorers(folder)
         assert set(scorers.names) == set(block["scorers"]), folder
-        assert not {"photometric", "resampling", "typicality"} & set(scorers.names)
+        combined = block["scorers"]["combined"]
+        aggregate = combined.get("aggregate", "max")
+        aggregates.add(aggregate)
+        if aggregate == "max":
+            assert not newer & set(scorers.names), folder
         ev = evidence(inputs)
-        norms = block["scorers"]["combined"]["normalisation"]
-        expected = np.max(
-            [anomaly.normalised_part(scorers.score(n, ev), norm) for n, norm in norms.items()], 0
+        parts = np.array(
+            [
+                anomaly.normalised_part(scorers.score(n, ev), norm)
+                for n, norm in combined["normalisation"].items()
+            ]
         )
+        expected = parts.max(0) if aggregate == "max" else parts.clip(min=0).sum(0)
         np.testing.assert_allclose(scorers.score("combined", ev), expected)
+    assert aggregates == {"max", "sum"}
 
 
 def test_cross_fitted_threshold_holds_the_target_where_an_in_sample_one_does_not():
