@@ -47,6 +47,7 @@ the combined scorer's normalisation and each scorer's 0-1 map; the Gaussians sit
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -341,7 +342,9 @@ def density_scorer(name: str, mean: np.ndarray, precision: np.ndarray) -> Scorer
 # photometric, colour and feature parts a little each) count for more than one.
 AGGREGATES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "max": lambda z: z.max(axis=0),
-    "sum": lambda z: np.maximum(z, 0.0).sum(axis=0),
+    # Part after part, not `.sum(axis=0)`: numpy sums a lone column pairwise, so an image's
+    # score would change in the last bit with the size of the batch it came in.
+    "sum": lambda z: functools.reduce(np.add, np.maximum(z, 0.0)),
 }
 
 

@@ -311,6 +311,18 @@ def test_published_manifests_load_with_the_scorers_they_list_and_nothing_new(sce
     assert aggregates == {"max", "sum"}
 
 
+def test_an_image_scores_the_same_to_the_last_bit_alone_or_in_a_batch(scene_paths):
+    """Dynamic batching and batch jobs put an image in batches of any size: no scorer of any
+    published version may let its neighbours, or their number, change its score."""
+    inputs = _fixture_inputs(scene_paths[:9])
+    for folder in sorted((DEFAULT_MODEL_DIR / "intel-scenes").glob("[0-9]*")):
+        scorers, evidence = _served_scorers(folder)
+        together, alone = evidence(inputs), [evidence(inputs[i : i + 1]) for i in range(9)]
+        for name in scorers.names:
+            one_by_one = np.concatenate([scorers.score(name, ev) for ev in alone])
+            np.testing.assert_array_equal(scorers.score(name, together), one_by_one, (folder, name))
+
+
 def test_cross_fitted_threshold_holds_the_target_where_an_in_sample_one_does_not():
     """The largest of 10 normalised parts, thresholded on the images that normalised them,
     flags more new normal images than the 1% target; cross-fitting on folds keeps near it."""
