@@ -286,7 +286,7 @@ def test_resampling_part_sees_an_elastic_warp_and_ignores_contrast(scene_paths):
 def test_published_manifests_load_with_the_scorers_they_list_and_nothing_new(scene_paths):
     """Every published version serves exactly the scorers its manifest lists. Versions made
     before the photometric, spectrum and typicality parts combine by the largest normalised
-    part; later ones sum each part's excess over its threshold (`"aggregate": "sum"`)."""
+    part; later ones sum each part's excess over its normal median (`"aggregate": "sum"`)."""
     inputs = _fixture_inputs(scene_paths[:6])
     newer = {"photometric", "resampling", "typicality"}
     aggregates = set()
