@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except (JobError, SourceError) as exc:
         print(f"convae-batch: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("convae-batch: interrupted; the parts written are kept, the same command "
+              "resumes", file=sys.stderr)  # fmt: skip
+        return 130
     print(summary.text(), file=sys.stderr)
     if args.summary_json:
         args.summary_json.write_text(summary_json(summary))

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -210,9 +211,13 @@ def _execute(
     )  # fmt: skip
     total = sum(p.images for p in todo)
     log.info("%d parts (%d images) on %d actor(s), %s GPU each", len(todo), total, actors, gpus)
-    with tqdm(total=total, unit="img", disable=not options.progress, file=sys.stderr) as bar:
+    # Closed here, while Ray runs: after Ctrl-C, an iterator left to the garbage collector shuts
+    # Ray Data's executor down after Ray's own exit hook, and waits forever for a Ray to start.
+    rows = iter(dataset.iter_rows())
+    with closing(rows), tqdm(total=total, unit="img", disable=not options.progress,
+                             file=sys.stderr) as bar:  # fmt: skip
         failed = 0
-        for done in dataset.iter_rows():
+        for done in rows:
             failed += int(done["failed"])
             bar.update(int(done["images"]))
             bar.set_postfix(failed=failed)

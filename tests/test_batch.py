@@ -148,8 +148,12 @@ def test_an_interrupted_run_resumes_where_it_stopped(local_ray, scored, scenes, 
             time.sleep(0.05)
         seen = sorted(p.name for p in out.glob("part-*.parquet"))
         job.send_signal(signal.SIGINT)
-        job.wait(timeout=60)
-        stderr = job.stderr.read()
+        try:
+            stderr = job.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            job.kill()  # else leaving `with` waits for it without a limit
+            raise
+    assert job.returncode == 130, stderr[-3000:]  # it stopped on Ctrl-C, and said so
     written = sorted(p.name for p in out.glob("part-*.parquet"))
     # Stopped part-way (one actor, parts one at a time).
     assert 1 <= len(written) < 16, (
