@@ -202,6 +202,9 @@ def test_hybrid_exports_with_the_contract(tmp_path, images):
     assert parity(decoder, to_onnx(decoder, "latent", "image", tmp_path / "d.onnx"), z) < 1e-4
 
 
+# Keras warns of the nested models' depth bookkeeping missing from the old file; every weight
+# loads all the same, which is what the test checks.
+@pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")
 def test_a_run_from_before_the_options_resumes(tmp_path):
     """A run folder written by the plain Keras autoencoder (the training before these options)
     resumes: its weights and optimizer step load into the new training model, history goes on."""
@@ -235,8 +238,8 @@ def test_a_run_from_before_the_options_resumes(tmp_path):
     fresh.compile(optimizer=keras.optimizers.Adam(1e-3))
     fresh.optimizer.build(fresh.trainable_variables)
     fresh.load_weights(run / "backup" / "latest.weights.h5")
-    for got, saved in zip(fresh.encoder.get_weights(), encoder.get_weights(), strict=True):
-        np.testing.assert_array_equal(got, saved)
+    for got, saved in zip(fresh.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, saved)  # encoder and decoder, every weight
     assert int(fresh.optimizer.iterations) == int(model.optimizer.iterations) > 0
 
     train(TrainConfig(**{**config, "epochs": 2}), resume=True)
