@@ -213,9 +213,10 @@ def _execute(
     log.info("%d parts (%d images) on %d actor(s), %s GPU each", len(todo), total, actors, gpus)
     # Closed here, while Ray runs: after Ctrl-C, an iterator left to the garbage collector shuts
     # Ray Data's executor down after Ray's own exit hook, and waits forever for a Ray to start.
-    rows = iter(dataset.iter_rows())
-    with closing(rows), tqdm(total=total, unit="img", disable=not options.progress,
-                             file=sys.stderr) as bar:  # fmt: skip
+    with (
+        closing(iter(dataset.iter_rows())) as rows,
+        tqdm(total=total, unit="img", disable=not options.progress, file=sys.stderr) as bar,
+    ):
         failed = 0
         for done in rows:
             failed += int(done["failed"])
