@@ -18,7 +18,7 @@ from tests.conftest import SCENES
 from training import augment, cli, data
 from training.architectures import build
 from training.onnx_export import parity, to_onnx
-from training.selfsup import SelfSupervisedAutoencoder, nt_xent, vicreg
+from training.selfsup import InvarianceSchedule, SelfSupervisedAutoencoder, nt_xent, vicreg
 from training.train import TrainConfig, load_autoencoder, load_split, train
 
 SEED = tf.constant([3, 4], tf.int64)
@@ -178,6 +178,45 @@ def test_options_train_record_and_survive_resume(tmp_path):
 
     encoder, decoder = load_autoencoder(run)  # the plain autoencoder, no projector
     assert encoder.output_shape == (None, 1024) and decoder.output_shape == (None, 128, 128, 3)
+
+
+def test_the_invariance_weight_decays_geometrically_between_its_epochs():
+    schedule = InvarianceSchedule(0.1, 0.001, start=2, end=4, steps_per_epoch=10)
+    weights = [float(schedule(step)) for step in (0, 20, 30, 40, 100)]
+    assert weights == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001], rel=1e-5)
+    with pytest.raises(ValueError, match="final invariance weight"):
+        InvarianceSchedule(0.1, 0.2, 0, 1, 10)
+    with pytest.raises(ValueError, match="must end after it starts"):
+        InvarianceSchedule(0.1, 0.01, 3, 3, 10)
+
+    common = dict(data="scenes", out="run", invariance_weight=0.1)
+    config = TrainConfig(**common, invariance_final_weight=0.01, invariance_decay=[1, 5])
+    assert config.objective()["invariance_decay"] == {
+        "from": 0.1, "to": 0.01, "epochs": [1, 5], "shape": "geometric",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="go together"):
+        TrainConfig(**common, invariance_final_weight=0.01)
+    with pytest.raises(ValueError, match="final invariance weight"):
+        TrainConfig(**common, invariance_final_weight=0.0, invariance_decay=[0, 2])
+    with pytest.raises(ValueError, match="needs --invariance-weight"):
+        TrainConfig(data="s", out="r", invariance_final_weight=0.01, invariance_decay=[0, 2])
+
+
+def test_a_decaying_invariance_weight_is_logged_and_continues_on_resume(tmp_path):
+    scenes, run = tmp_path / "scenes", tmp_path / "run"
+    shutil.copytree(SCENES, scenes)
+    base = ["train", "--data", str(scenes), "--out", str(run), "--batch-size", "8",
+            "--val-fraction", "0.2", "--seed", "1"]  # fmt: skip
+    decay = ["--invariance-weight", "0.1", "--invariance-final-weight", "0.001",
+             "--invariance-decay", "0", "2"]  # fmt: skip
+    assert cli.main([*base, "--epochs", "1", *decay]) == 0
+    assert cli.main([*base, "--epochs", "3", "--resume"]) == 0
+    rows = _rows(run)
+    # Half-way through the decay after epoch 1, its end after 2; a resume that counted from zero
+    # again would log 0.01 twice.
+    assert [row["invariance_weight"] for row in rows] == pytest.approx([0.01, 1e-3, 1e-3], rel=1e-4)
+    last = rows[-1]  # a constant weight all epoch: the loss is the weighted sum
+    assert last["loss"] == pytest.approx(last["mse"] + 1e-3 * last["invariance"], rel=1e-4)
 
 
 def test_cosine_decays_within_a_run_and_the_default_logs_its_rate(tmp_path):

@@ -46,6 +46,18 @@ def _parser() -> argparse.ArgumentParser:
         "image (crop, mirror, colour), through a projector used only in training",
     )
     ssl.add_argument("--invariance-loss", default="vicreg", choices=["vicreg", "ntxent"])
+    ssl.add_argument(
+        "--invariance-final-weight",
+        type=float,
+        help="decay the invariance weight geometrically to this value over --invariance-decay",
+    )
+    ssl.add_argument(
+        "--invariance-decay",
+        type=int,
+        nargs=2,
+        metavar=("START", "END"),
+        help="the epochs over which the invariance weight decays (full weight before START)",
+    )
     ssl.add_argument("--projector-dim", type=int, default=512, help="the projector's width")
     ssl.add_argument(
         "--mask-ratio",

@@ -129,6 +129,11 @@ def export(
             # "mse" as before when no other term was trained; else each term and its weight
             "loss": "mse" if objective["loss"] == {"mse": 1.0} else objective["loss"],
             "schedule": objective["schedule"],
+            **(
+                {"invariance_decay": objective["invariance_decay"]}
+                if "invariance_decay" in objective
+                else {}
+            ),
             "epochs": len(history),
             "wall_seconds": round(sum(seconds), 1),
             "seconds_per_epoch": round(float(np.mean(seconds)), 1) if seconds else None,

@@ -7,6 +7,8 @@ the latent worth using without labels.
 
 `input` is the target with a share of its patches masked (`mask_ratio`), `view` another random
 view of the same image (crop, mirror, colour), `p` a small projector used only in training.
+The invariance weight may decay during the run (`InvarianceSchedule`): a strong term first shapes
+the latent, a weak one later lets the reconstruction catch up.
 Validation scores the plain reconstruction of the unmasked validation images, so `val_loss` is
 the validation MSE whatever the options: checkpoints and early stopping compare like with like.
 """
@@ -18,6 +20,24 @@ import tensorflow as tf
 from keras import layers
 
 INVARIANCE_LOSSES = ("vicreg", "ntxent")
+
+
+class InvarianceSchedule:
+    """The invariance weight at an optimizer step: `weight` until `start` epochs, then a
+    geometric decay to `final` at `end` epochs, then `final`. Counting optimizer steps, as the
+    learning rate's cosine does, means a resumed run continues where it stopped."""
+
+    def __init__(self, weight: float, final: float, start: int, end: int, steps_per_epoch: int):
+        if not 0 < final <= weight:
+            raise ValueError("the final invariance weight must be in (0, --invariance-weight]")
+        if not 0 <= start < end:
+            raise ValueError("the invariance decay must end after it starts (epochs)")
+        self.weight, self.final = weight, final
+        self.start, self.end = start * steps_per_epoch, end * steps_per_epoch
+
+    def __call__(self, step) -> tf.Tensor:
+        progress = (tf.cast(step, tf.float32) - self.start) / (self.end - self.start)
+        return self.weight * (self.final / self.weight) ** tf.clip_by_value(progress, 0.0, 1.0)
 
 
 def projector(latent_dim: int, width: int = 512) -> keras.Model:
@@ -82,7 +102,7 @@ class SelfSupervisedAutoencoder(keras.Model):
         self,
         encoder: keras.Model,
         decoder: keras.Model,
-        invariance_weight: float = 0.0,
+        invariance_weight: float | InvarianceSchedule = 0.0,
         invariance_loss: str = "vicreg",
         ssim_weight: float = 0.0,
         projector_dim: int = 512,
@@ -117,6 +137,12 @@ class SelfSupervisedAutoencoder(keras.Model):
         image = inputs["image"] if isinstance(inputs, dict) else inputs
         return self.decoder(self.encoder(image, training=training), training=training)
 
+    def current_invariance_weight(self):
+        """The invariance term's weight at this optimizer step (a schedule's current value)."""
+        if isinstance(self.invariance_weight, InvarianceSchedule):
+            return self.invariance_weight(self.optimizer.iterations)
+        return self.invariance_weight
+
     def terms(self, batch, training: bool) -> dict:
         """Each term of the loss on one batch, and their weighted sum as "loss"."""
         latent = self.encoder(batch["image"], training=training)
@@ -135,7 +161,7 @@ class SelfSupervisedAutoencoder(keras.Model):
             za = self.projector(latent, training=True)
             zb = self.projector(self.encoder(batch["view"], training=True), training=True)
             out["invariance"] = self.invariance_loss(za, zb)
-            out["loss"] += self.invariance_weight * out["invariance"]
+            out["loss"] += self.current_invariance_weight() * out["invariance"]
         return out
 
     def _logs(self, terms: dict) -> dict:

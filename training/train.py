@@ -29,7 +29,12 @@ from aecore.preprocessing import ImageSpec
 from training import data as data_mod
 from training import warmstart
 from training.architectures import autoencoder, build
-from training.selfsup import INVARIANCE_LOSSES, SelfSupervisedAutoencoder, rounded_accuracy
+from training.selfsup import (
+    INVARIANCE_LOSSES,
+    InvarianceSchedule,
+    SelfSupervisedAutoencoder,
+    rounded_accuracy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,9 @@ class TrainConfig:
     # Self-supervised terms and the schedule (training.selfsup); off by default.
     invariance_weight: float = 0.0
     invariance_loss: str = "vicreg"
+    # A geometric decay of the invariance weight to this value over epochs [start, end].
+    invariance_final_weight: float | None = None
+    invariance_decay: list[int] | None = None
     projector_dim: int = 512
     mask_ratio: float = 0.0
     ssim_weight: float = 0.0
@@ -64,6 +72,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.invariance_loss not in INVARIANCE_LOSSES:
             raise ValueError(f"--invariance-loss must be one of {', '.join(INVARIANCE_LOSSES)}")
+        if (self.invariance_final_weight is None) != (self.invariance_decay is None):
+            raise ValueError("--invariance-final-weight and --invariance-decay go together")
+        if self.invariance_decay is not None:
+            if not self.invariance_weight:
+                raise ValueError("--invariance-decay needs --invariance-weight")
+            self.invariance_schedule(1)  # validates the weights and epochs
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError("--mask-ratio must be in [0, 1)")
         if self.schedule not in SCHEDULES:
@@ -72,6 +86,15 @@ class TrainConfig:
     @property
     def spec(self) -> ImageSpec:
         return ImageSpec(self.height, self.width)
+
+    def invariance_schedule(self, steps_per_epoch: int) -> float | InvarianceSchedule:
+        """The invariance weight: a constant, or its decay over the run."""
+        if self.invariance_decay is None:
+            return self.invariance_weight
+        start, end = self.invariance_decay
+        return InvarianceSchedule(
+            self.invariance_weight, self.invariance_final_weight, start, end, steps_per_epoch
+        )
 
     def objective(self) -> dict:
         """The loss terms and augmentations, as export records them."""
@@ -85,7 +108,16 @@ class TrainConfig:
             augmentation.append(f"masked_input_{self.mask_ratio:g}")
         if self.invariance_weight:
             augmentation.append("second_view_crop_flip_colour")
-        return {"loss": terms, "augmentation": augmentation, "schedule": self.schedule}
+        out = {"loss": terms, "augmentation": augmentation, "schedule": self.schedule}
+        if self.invariance_decay is not None:
+            start, end = self.invariance_decay
+            out["invariance_decay"] = {
+                "from": self.invariance_weight,
+                "to": self.invariance_final_weight,
+                "epochs": [start, end],
+                "shape": "geometric",
+            }
+        return out
 
 
 SCHEDULES = ("plateau", "cosine")
@@ -146,14 +178,17 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = round(time.perf_counter() - self._start, 2)
 
 
-class LogLearningRate(keras.callbacks.Callback):
-    """Adds the rate the epoch ended at to the logs (a schedule's current value)."""
+class LogSchedules(keras.callbacks.Callback):
+    """Adds the rate the epoch ended at to the logs (a schedule's current value), and the
+    invariance weight's where it decays."""
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["learning_rate"] = float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-            )
+        if logs is None:
+            return
+        value = keras.ops.convert_to_numpy
+        logs["learning_rate"] = float(value(self.model.optimizer.learning_rate))
+        if isinstance(self.model.invariance_weight, InvarianceSchedule):
+            logs["invariance_weight"] = float(value(self.model.current_invariance_weight()))
 
 
 class SaveBest(keras.callbacks.Callback):
@@ -205,10 +240,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         )
         (run_dir / "init.json").write_text(json.dumps(start, indent=2))
         log.info("weights from %s (parity %s)", start["model"], start["parity"])
+    steps = -(-len(train_set) // config.batch_size)
     model = SelfSupervisedAutoencoder(
         encoder,
         decoder,
-        invariance_weight=config.invariance_weight,
+        invariance_weight=config.invariance_schedule(steps),
         invariance_loss=config.invariance_loss,
         ssim_weight=config.ssim_weight,
         projector_dim=config.projector_dim,
@@ -223,14 +259,13 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         second_view=config.invariance_weight > 0,
     )
     val_ds = data_mod.dataset(val_set.images, config.batch_size, shuffle=False)
-    steps = -(-len(train_set) // config.batch_size)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps)))
     plain = autoencoder(encoder, decoder)
     history = read_history(run_dir) if resume else []
     best = min((row["val_loss"] for row in history if "val_loss" in row), default=float("inf"))
     callbacks = [
         EpochTimer(),
-        LogLearningRate(),
+        LogSchedules(),
         keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
         SaveBest(run_dir / "best.keras", plain, best),
         keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True),
