@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from aecore.preprocessing import ImageSpec, to_float
 from tests.conftest import SCENES
-from training import augment, cli, data
+from training import augment, cli, data, report
 from training.architectures import build
 from training.onnx_export import parity, to_onnx
 from training.selfsup import InvarianceSchedule, SelfSupervisedAutoencoder, nt_xent, vicreg
@@ -194,6 +194,11 @@ def test_the_invariance_weight_decays_geometrically_between_its_epochs():
     assert config.objective()["invariance_decay"] == {
         "from": 0.1, "to": 0.01, "epochs": [1, 5], "shape": "geometric",
     }  # fmt: skip
+    # The model report states each term and its weight, a decaying one as its range.
+    assert report.loss_terms(config.objective()) == "mse: 1, vicreg: 0.1 -> 0.01 (epochs 1-5)"
+    constant = TrainConfig(**common, ssim_weight=0.2).objective()
+    assert report.loss_terms(constant) == "mse: 1, 1-ssim: 0.2, vicreg: 0.1"
+    assert report.loss_terms({"loss": "mse"}) == "mse"
     with pytest.raises(ValueError, match="go together"):
         TrainConfig(**common, invariance_final_weight=0.01)
     with pytest.raises(ValueError, match="final invariance weight"):

@@ -129,11 +129,6 @@ def export(
             # "mse" as before when no other term was trained; else each term and its weight
             "loss": "mse" if objective["loss"] == {"mse": 1.0} else objective["loss"],
             "schedule": objective["schedule"],
-            **(
-                {"invariance_decay": objective["invariance_decay"]}
-                if "invariance_decay" in objective
-                else {}
-            ),
             "epochs": len(history),
             "wall_seconds": round(sum(seconds), 1),
             "seconds_per_epoch": round(float(np.mean(seconds)), 1) if seconds else None,
@@ -152,6 +147,8 @@ def export(
         },
         "anomaly": calibrate_and_evaluate(staging, train_set, val_set, target_fpr, config.seed),
     }
+    if "invariance_decay" in objective:
+        body["training"]["invariance_decay"] = objective["invariance_decay"]
     runner = Autoencoder(staging, verify=False)
     train_latents = runner.encode_all(train_set.images)
     body["metrics"]["linear_probe"] = probe.linear_probe(train_set, val_set, train_latents, latents)

@@ -83,6 +83,8 @@ def markdown(manifest: dict, figures: dict[str, Path | None]) -> str:
             "epochs, seconds per epoch",
             f"{t.get('epochs')}, {_fmt(t.get('seconds_per_epoch'), '.0f')}",
         ),
+        ("training loss (term: weight)", loss_terms(t)),
+        ("augmentation", ", ".join(t.get("augmentation") or []) or "none"),
     ]
     lines = [
         f"# {manifest['name']} v{manifest['version']} ({manifest['architecture']})",
@@ -111,6 +113,22 @@ def markdown(manifest: dict, figures: dict[str, Path | None]) -> str:
         if fig is not None:
             lines += ["", f"## {title}", "", f"![{title}]({fig.name})"]
     return "\n".join(lines) + "\n"
+
+
+def loss_terms(training: dict) -> str:
+    """The manifest's loss terms and their weights, a decaying weight as its range."""
+    terms = training.get("loss", "mse")
+    if not isinstance(terms, dict):
+        return str(terms)
+    decay = training.get("invariance_decay")
+    cells = []
+    for term, weight in terms.items():
+        if decay and term in ("vicreg", "ntxent"):
+            start, end = decay["epochs"]
+            cells.append(f"{term}: {decay['from']:g} -> {decay['to']:g} (epochs {start}-{end})")
+        else:
+            cells.append(f"{term}: {weight:g}")
+    return ", ".join(cells)
 
 
 def comparison_table(c: dict) -> list[str]:
