@@ -192,7 +192,7 @@ def test_the_invariance_weight_decays_geometrically_between_its_epochs():
     common = dict(data="scenes", out="run", invariance_weight=0.1)
     config = TrainConfig(**common, invariance_final_weight=0.01, invariance_decay=[1, 5])
     assert config.objective()["invariance_decay"] == {
-        "from": 0.1, "to": 0.01, "epochs": [1, 5], "shape": "geometric",
+        "term": "vicreg", "from": 0.1, "to": 0.01, "epochs": [1, 5], "shape": "geometric",
     }  # fmt: skip
     # The model report states each term and its weight, a decaying one as its range.
     assert report.loss_terms(config.objective()) == "mse: 1, vicreg: 0.1 -> 0.01 (epochs 1-5)"

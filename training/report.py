@@ -123,7 +123,7 @@ def loss_terms(training: dict) -> str:
     decay = training.get("invariance_decay")
     cells = []
     for term, weight in terms.items():
-        if decay and term in ("vicreg", "ntxent"):
+        if decay and term == decay["term"]:
             start, end = decay["epochs"]
             cells.append(f"{term}: {decay['from']:g} -> {decay['to']:g} (epochs {start}-{end})")
         else:

@@ -112,6 +112,7 @@ class TrainConfig:
         if self.invariance_decay is not None:
             start, end = self.invariance_decay
             out["invariance_decay"] = {
+                "term": self.invariance_loss,
                 "from": self.invariance_weight,
                 "to": self.invariance_final_weight,
                 "epochs": [start, end],
