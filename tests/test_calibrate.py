@@ -134,19 +134,20 @@ async def test_a_model_without_normalisation_is_served_raw(scene_bytes, tmp_path
     assert [r["score"] for r in reply["results"]] == [r["raw_score"] for r in reply["results"]]
 
 
-def test_evaluate_anomaly_reuse_carries_the_scorers_to_a_new_version(served_folder, tmp_path):
+def test_evaluate_anomaly_reuse_carries_the_scorers_to_a_new_version(tmp_path):
+    donor = DEFAULT_MODEL_DIR / "intel-scenes" / "4"  # version 1's graphs with issue 25's scorers
     root = tmp_path / "models" / "intel-scenes"
     shutil.copytree(DEFAULT_MODEL_DIR / "intel-scenes" / "1", root / "1")
     before = _hashes(root / "1")
     command = [sys.executable, "-m", "training", "evaluate-anomaly", "--model", str(root / "1")]
     result = subprocess.run(
-        [*command, "--reuse", str(served_folder)], capture_output=True, text=True, cwd=REPO
+        [*command, "--reuse", str(donor)], capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 0, result.stderr
     body = manifest.read(root / "2")
-    assert body["anomaly"] == manifest.read(served_folder)["anomaly"]
+    assert body["anomaly"] == manifest.read(donor)["anomaly"]
     assert body["derived_from"]["version"] == 1 and _hashes(root / "1") == before
     assert (root / "2" / "report" / "anomaly.md").read_bytes() == (
-        served_folder / "report" / "anomaly.md"
+        donor / "report" / "anomaly.md"
     ).read_bytes()
     anomaly.AnomalyScorers(body["anomaly"], root / "2")  # loads, hashes checked

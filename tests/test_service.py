@@ -549,7 +549,7 @@ async def test_fp16_graphs_serve_close_to_fp32_and_a_model_without_them_is_refus
 
     from training.precision import write_fp16
 
-    source = manifest.resolve(DEFAULT_MODEL_DIR, "intel-scenes")
+    source = DEFAULT_MODEL_DIR / "intel-scenes" / "4"  # exported before fp16 graphs existed
     copy = tmp_path / "intel-scenes" / "1"
     shutil.copytree(source, copy)
     with pytest.raises(manifest.ModelFolderError, match="no fp16 graphs"):
@@ -573,3 +573,9 @@ async def test_fp16_graphs_serve_close_to_fp32_and_a_model_without_them_is_refus
     assert card["precision"] == "fp16"
     assert card["precisions"]["fp16"]["parity_max_abs"]["encoder"] < 0.05
     assert np.max(np.abs(fp16 - fp32)) < 0.05 and not np.array_equal(fp16, fp32)
+    # The default version was exported with its fp16 graphs: it serves them as published.
+    async with running(precision="fp16") as client:
+        card = (await client.get("/model")).json()
+        reply = await client.post("/encode", files=multipart(scene_bytes[:2]))
+    assert card["precision"] == "fp16" and "fp16" in card["precisions"]
+    assert reply.status_code == 200 and len(reply.json()["latents"]) == 2
