@@ -110,12 +110,11 @@ class TrainConfig:
             augmentation.append("second_view_crop_flip_colour")
         out = {"loss": terms, "augmentation": augmentation, "schedule": self.schedule}
         if self.invariance_decay is not None:
-            start, end = self.invariance_decay
             out["invariance_decay"] = {
                 "term": self.invariance_loss,
                 "from": self.invariance_weight,
                 "to": self.invariance_final_weight,
-                "epochs": [start, end],
+                "epochs": list(self.invariance_decay),
                 "shape": "geometric",
             }
         return out
