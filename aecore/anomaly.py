@@ -23,6 +23,15 @@ and latents) to one score per image, higher meaning more anomalous:
   Nyquist and of edge-orientation coherence at three scales: evidence of pixels moved and
   interpolated (elastic and zoom warps), smoothed (blur) or quantised (JPEG), independent of
   contrast and of any block grid;
+- `naturalness`: Mahalanobis distance of natural-scene statistics (BRISQUE's 36 features, Mittal
+  et al. 2012: the shape and spread of mean-subtracted contrast-normalised coefficients and of
+  their neighbours' products in four directions, at two scales) under a Gaussian of training
+  images: blur, noise, ringing and smearing change how these coefficients are distributed
+  whatever the scene holds; motion and zoom blur, which barely move the energies, show here;
+- `tonal`: the photometric statistics tested one at a time: the largest of their distances from
+  the training images' medians, each in units of its own 99th-percentile distance. A black
+  point lifted past any training photo's (brightness, frost, snow) counts in full even where
+  the other tonal statistics stay put, which the joint density of `photometric` dilutes;
 - `typicality`: Mahalanobis distance of each encoder feature channel's pooled log mean and
   spread (both stages of `features.onnx`) under a Ledoit-Wolf Gaussian of training images:
   whether the image's mix of textures is that of the training scenes (off-domain photos);
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +235,63 @@ def _edge_coherence(grey: np.ndarray, scales: int) -> list[float]:
     return out
 
 
+# Shape parameters tried when fitting a generalised Gaussian by moment matching (BRISQUE's
+# grid), with the moment ratio each gives for the symmetric and the asymmetric form.
+_SHAPES = np.arange(0.2, 10.0, 0.001)
+_LOG_GAMMA = {k: np.array([math.lgamma(k / a) for a in _SHAPES]) for k in (1, 2, 3)}
+_GGD_RATIO = np.exp(_LOG_GAMMA[1] + _LOG_GAMMA[3] - 2 * _LOG_GAMMA[2])
+_AGGD_RATIO = 1.0 / _GGD_RATIO
+NSS_SCALES = 2
+
+
+def _mscn(grey: np.ndarray) -> np.ndarray:
+    """Mean-subtracted contrast-normalised coefficients (7x7 Gaussian window, sigma 7/6)."""
+    mu = cv2.GaussianBlur(grey, (7, 7), 7 / 6)
+    var = cv2.GaussianBlur(grey * grey, (7, 7), 7 / 6) - mu * mu
+    return (grey - mu) / (np.sqrt(np.abs(var)) + 1.0 / 255)
+
+
+def _ggd(x: np.ndarray) -> list[float]:
+    """Shape and log variance of a zero-mean generalised Gaussian, by moment matching."""
+    var, mean_abs = float(np.mean(x * x)), float(np.mean(np.abs(x)))
+    shape = _SHAPES[np.argmin(np.abs(var / (mean_abs * mean_abs + 1e-12) - _GGD_RATIO))]
+    return [float(shape), np.log(var + 1e-8)]
+
+
+def _aggd(x: np.ndarray) -> list[float]:
+    """Shape, mean and log left and right variances of an asymmetric generalised Gaussian."""
+    left, right = x[x < 0], x[x > 0]
+    sl = float(np.sqrt(np.mean(left * left))) if left.size else 1e-4
+    sr = float(np.sqrt(np.mean(right * right))) if right.size else 1e-4
+    g = sl / sr
+    r = float(np.mean(np.abs(x))) ** 2 / (float(np.mean(x * x)) + 1e-12)
+    ratio = r * (g**3 + 1) * (g + 1) / (g * g + 1) ** 2
+    i = int(np.argmin(np.abs(ratio - _AGGD_RATIO)))
+    mean = (sr - sl) * math.exp(_LOG_GAMMA[2][i] - _LOG_GAMMA[1][i])
+    return [float(_SHAPES[i]), mean, np.log(sl * sl + 1e-8), np.log(sr * sr + 1e-8)]
+
+
+def naturalness_statistics(inputs: np.ndarray) -> np.ndarray:
+    """Per image, BRISQUE's features of the grey image at `NSS_SCALES` scales: the generalised
+    Gaussian fit of its MSCN coefficients (2) and the asymmetric fits of the products of each
+    coefficient with its right, lower and two diagonal neighbours (4 x 4): 18 per scale.
+
+    (OpenCV computes these only in its contrib build; this keeps the core on one cv2 wheel.)
+    """
+    rows = np.empty((len(inputs), 18 * NSS_SCALES))
+    for i, image in enumerate(inputs.astype(np.float32)):
+        grey, row = image.mean(axis=-1), []
+        for _ in range(NSS_SCALES):
+            m = _mscn(grey)
+            row += _ggd(m)
+            for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+                neighbour = np.roll(m, (-dy, -dx), axis=(0, 1))
+                row += _aggd((m * neighbour)[1:-1, 1:-1])
+            grey = cv2.resize(grey, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        rows[i] = row
+    return rows
+
+
 def _ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM of two [H, W, 3] images in [0, 1] (Wang et al. 2004, Gaussian window 1.5)."""
     c1, c2 = 0.01**2, 0.03**2
@@ -320,7 +387,29 @@ DENSITY_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
     "texture": lambda ev: texture_statistics(ev.inputs),
     "photometric": lambda ev: photometric_statistics(ev.inputs),
     "resampling": lambda ev: resampling_statistics(ev.inputs),
+    "naturalness": lambda ev: naturalness_statistics(ev.inputs),
 }
+
+
+# Statistics tested one at a time (`marginal_scorer`); each scorer's medians and scales are
+# stored as <name>_median, <name>_scale beside the Gaussians.
+MARGINAL_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
+    "tonal": lambda ev: photometric_statistics(ev.inputs),
+}
+
+
+def marginal_fit(statistics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per statistic of training images [N, K]: the median and the 99th percentile of the
+    distance from it."""
+    median = np.median(statistics, axis=0)
+    scale = np.quantile(np.abs(statistics - median), 0.99, axis=0)
+    return median, np.maximum(scale, 1e-12)
+
+
+def marginal_scorer(name: str, median: np.ndarray, scale: np.ndarray) -> Scorer:
+    """The most atypical statistic: max over k of |x_k - median_k| / scale_k."""
+    features = MARGINAL_FEATURES[name]
+    return lambda ev: (np.abs(features(ev) - median) / scale).max(axis=1)
 
 
 def mse_scorer() -> Scorer:
@@ -453,6 +542,9 @@ class AnomalyScorers:
             elif name in DENSITY_FEATURES:
                 mean, precision = gaussians[f"{name}_mean"], gaussians[f"{name}_precision"]
                 self._scorers[name] = density_scorer(name, mean, precision)
+            elif name in MARGINAL_FEATURES:
+                median, scale = gaussians[f"{name}_median"], gaussians[f"{name}_scale"]
+                self._scorers[name] = marginal_scorer(name, median, scale)
         if "combined" in specs:
             norms = specs["combined"]["normalisation"]
             aggregate = specs["combined"].get("aggregate", "max")  # absent before issue 25

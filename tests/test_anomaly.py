@@ -283,12 +283,69 @@ def test_resampling_part_sees_an_elastic_warp_and_ignores_contrast(scene_paths):
     assert np.mean(after > before) >= 0.7
 
 
+def test_naturalness_fits_known_distributions_and_sees_motion_blur_on_real_photos(scene_paths):
+    """BRISQUE's moment-matching fit tells tails apart: the MSCN coefficients of Laplacian
+    noise come out heavier-tailed than a Gaussian (shape < 2), those of Gaussian noise lighter
+    (> 2: the local normalisation divides each pixel by a spread that includes it), and the
+    density of the statistics, fitted on other fixture photos, scores ImageNet-C motion blur
+    at severity 1 above the originals: the blur barely moves energies, but it changes how
+    neighbouring coefficients go together along its direction."""
+    from training.anomaly import corrupt
+
+    rng = np.random.default_rng(0)
+    gaussian = np.clip(0.5 + 0.1 * rng.normal(size=(1, 128, 128, 1)), 0, 1).repeat(3, -1)
+    laplace = np.clip(0.5 + 0.07 * rng.laplace(size=(1, 128, 128, 1)), 0, 1).repeat(3, -1)
+    g_stats, l_stats = (anomaly.naturalness_statistics(x) for x in (gaussian, laplace))
+    assert g_stats.shape == (1, 18 * anomaly.NSS_SCALES)
+    assert l_stats[0, 0] < 2.0 < g_stats[0, 0]
+    assert g_stats[0, 0] - l_stats[0, 0] > 1.0
+
+    u8 = np.round(_fixture_inputs(scene_paths) * 255).astype(np.uint8)
+    clean = u8.astype(np.float32) / 255
+    blurred = corrupt(u8, "motion_blur", 1, seed=0).astype(np.float32) / 255
+    assert np.all(np.isfinite(anomaly.naturalness_statistics(blurred)))
+    scorer = _half_fitted_density("naturalness", clean)
+    held, held_blurred = (
+        _evidence(clean[1::2], clean[1::2]),
+        _evidence(blurred[1::2], blurred[1::2]),
+    )
+    assert np.mean(scorer(held_blurred) > scorer(held)) >= 0.8
+    assert np.median(scorer(held_blurred)) > np.quantile(scorer(held), 0.9)
+
+
+def test_tonal_part_scores_the_most_atypical_photometric_statistic(scene_paths):
+    """`tonal` is the largest of the photometric statistics' distances from the training
+    medians in units of their own 99th percentiles, either way; ImageNet-C brightness at
+    severity 2, which lifts the black point, puts most held-out photos above their originals
+    under medians fitted on the other photos."""
+    from training.anomaly import corrupt
+
+    stats = np.array([[0.0, 0.0], [1.0, -4.0], [-3.0, 1.0]])
+    median, scale = np.array([0.0, 0.0]), np.array([1.0, 2.0])
+    ev = _evidence(np.zeros((3, 2, 2, 3)), np.zeros((3, 2, 2, 3)))
+    anomaly.MARGINAL_FEATURES["_test"] = lambda e: stats
+    try:
+        scores = anomaly.marginal_scorer("_test", median, scale)(ev)
+    finally:
+        del anomaly.MARGINAL_FEATURES["_test"]
+    np.testing.assert_allclose(scores, [0.0, 2.0, 3.0])
+
+    u8 = np.round(_fixture_inputs(scene_paths) * 255).astype(np.uint8)
+    clean = u8.astype(np.float32) / 255
+    bright = corrupt(u8, "brightness", 2, seed=0).astype(np.float32) / 255
+    median, scale = anomaly.marginal_fit(anomaly.photometric_statistics(clean[::2]))
+    assert np.all(scale > 0)
+    scorer = anomaly.marginal_scorer("tonal", median, scale)
+    held, held_bright = _evidence(clean[1::2], clean[1::2]), _evidence(bright[1::2], bright[1::2])
+    assert np.mean(scorer(held_bright) > scorer(held)) >= 0.8
+
+
 def test_published_manifests_load_with_the_scorers_they_list_and_nothing_new(scene_paths):
     """Every published version serves exactly the scorers its manifest lists. Versions made
     before the photometric, spectrum and typicality parts combine by the largest normalised
     part; later ones sum each part's excess over its normal median (`"aggregate": "sum"`)."""
     inputs = _fixture_inputs(scene_paths[:6])
-    newer = {"photometric", "resampling", "typicality"}
+    newer = {"photometric", "resampling", "typicality", "naturalness", "tonal"}
     aggregates = set()
     for folder in sorted((DEFAULT_MODEL_DIR / "intel-scenes").glob("[0-9]*")):
         block = manifest.read(folder)["anomaly"]
