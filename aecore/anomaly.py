@@ -259,15 +259,17 @@ def _ggd(x: np.ndarray) -> list[float]:
 
 
 def _aggd(x: np.ndarray) -> list[float]:
-    """Shape, mean and log left and right variances of an asymmetric generalised Gaussian."""
+    """Shape, mean and log left and right variances of an asymmetric generalised Gaussian
+    (BRISQUE's moment matching; the mean as published, bounded by the two spreads)."""
+    x = x.astype(np.float64)
     left, right = x[x < 0], x[x > 0]
-    sl = float(np.sqrt(np.mean(left * left))) if left.size else 1e-4
-    sr = float(np.sqrt(np.mean(right * right))) if right.size else 1e-4
-    g = sl / sr
+    sl = float(np.sqrt(np.mean(left * left))) if left.size else 0.0
+    sr = float(np.sqrt(np.mean(right * right))) if right.size else 0.0
+    g = sl / max(sr, 1e-12)
     r = float(np.mean(np.abs(x))) ** 2 / (float(np.mean(x * x)) + 1e-12)
     ratio = r * (g**3 + 1) * (g + 1) / (g * g + 1) ** 2
     i = int(np.argmin(np.abs(ratio - _AGGD_RATIO)))
-    mean = (sr - sl) * math.exp(_LOG_GAMMA[2][i] - _LOG_GAMMA[1][i])
+    mean = (sr - sl) * math.sqrt(_AGGD_RATIO[i])  # Γ(2/a)/Γ(1/a) · sqrt(Γ(1/a)/Γ(3/a))
     return [float(_SHAPES[i]), mean, np.log(sl * sl + 1e-8), np.log(sr * sr + 1e-8)]
 
 
@@ -279,15 +281,16 @@ def naturalness_statistics(inputs: np.ndarray) -> np.ndarray:
     (OpenCV computes these only in its contrib build; this keeps the core on one cv2 wheel.)
     """
     rows = np.empty((len(inputs), 18 * NSS_SCALES))
-    for i, image in enumerate(inputs.astype(np.float32)):
-        grey, row = image.mean(axis=-1), []
-        for _ in range(NSS_SCALES):
+    for i, image in enumerate(inputs):
+        grey, row = image.mean(axis=-1, dtype=np.float64), []  # float64: flat areas' variance
+        for scale in range(NSS_SCALES):
+            if scale:
+                grey = cv2.resize(grey, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
             m = _mscn(grey)
             row += _ggd(m)
             for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
                 neighbour = np.roll(m, (-dy, -dx), axis=(0, 1))
                 row += _aggd((m * neighbour)[1:-1, 1:-1])
-            grey = cv2.resize(grey, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
         rows[i] = row
     return rows
 
@@ -400,10 +403,11 @@ MARGINAL_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
 
 def marginal_fit(statistics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per statistic of training images [N, K]: the median and the 99th percentile of the
-    distance from it."""
+    distance from it (at least 1e-3: the statistics are logs, and a statistic the training
+    images all share must not turn a rounding step into an alarm)."""
     median = np.median(statistics, axis=0)
     scale = np.quantile(np.abs(statistics - median), 0.99, axis=0)
-    return median, np.maximum(scale, 1e-12)
+    return median, np.maximum(scale, 1e-3)
 
 
 def marginal_scorer(name: str, median: np.ndarray, scale: np.ndarray) -> Scorer:

@@ -55,8 +55,8 @@ BASE_SCORERS = (
 # resampling and summing lifted the mean AUROC at severities 1-2 from 0.80 to 0.83; adding
 # typicality as well lowered it (0.82), so it is served as a scorer of its own only. On 120
 # calibration images x 75 sets, each its own pick (model version 5), adding naturalness lifted
-# it from 0.830 to 0.837 (motion and zoom blur) and tonal then to 0.856 (brightness, frost,
-# snow); tonal alone gave 0.849: see docs/anomaly.md.
+# it from 0.830 to 0.845 (motion and zoom blur, JPEG) and tonal then to 0.863 (brightness,
+# frost, snow); tonal without naturalness gave 0.849 (README, "The default model").
 COMBINED_PARTS = (
     "texture", "structure", "mse", "flat", "colour", "features", "noise",
     "photometric", "resampling", "naturalness", "tonal",
