@@ -429,16 +429,27 @@ def density_scorer(name: str, mean: np.ndarray, precision: np.ndarray) -> Scorer
     return lambda ev: mahalanobis(features(ev), mean, precision)
 
 
-# How `combined` joins its normalised parts [parts, N]: `max`, as anomalous as the most alarmed
-# part (every version before issue 25); `sum`, the parts' excess over their normal medians
-# added up, so that several parts each moderately alarmed (a brightness shift lifts the
-# photometric, colour and feature parts a little each) count for more than one.
-AGGREGATES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "max": lambda z: z.max(axis=0),
+# How `combined` joins its normalised parts z [parts, N] (`norms` in the order of z's rows):
+# `max`, as anomalous as the most alarmed part (every version before issue 25); `sum`, the
+# parts' excess over their normal medians added up, so that several parts each moderately
+# alarmed (a brightness shift lifts the photometric, colour and feature parts a little each)
+# count for more than one (versions 4-5); `fisher`, Fisher's combination: the sum of each
+# part's surprisal, -log of how rarely held-out normal images score that high (`surprisal`),
+# so a part counts by how improbable its value is under its own normal tail, not by a linear
+# scale on which every part's normal spread adds to the threshold (since version 6).
+AGGREGATES: dict[str, Callable[[np.ndarray, list[dict]], np.ndarray]] = {
+    "max": lambda z, norms: z.max(axis=0),
     # Part after part, not `.sum(axis=0)`: numpy sums a lone column pairwise, so an image's
     # score would change in the last bit with the size of the batch it came in.
-    "sum": lambda z: functools.reduce(np.add, np.maximum(z, 0.0)),
+    "sum": lambda z, norms: functools.reduce(np.add, np.maximum(z, 0.0)),
+    "fisher": lambda z, norms: functools.reduce(
+        np.add, [surprisal(zk, norm) for zk, norm in zip(z, norms, strict=True)]
+    ),
 }
+# The normal scores' quantiles kept per part for `fisher` (every 5%), and where the fitted
+# exponential tail takes over from them.
+TAIL_LEVELS = np.linspace(0.0, 1.0, 21)
+TAIL_FROM = 0.9
 
 
 def combined_scorer(
@@ -454,7 +465,24 @@ def combine(
 ) -> np.ndarray:
     """The parts' scores, each normalised as `norms` says, joined by `AGGREGATES[aggregate]`."""
     z = np.stack([normalised_part(scores[n], norm) for n, norm in norms.items()])
-    return AGGREGATES[aggregate](z)
+    return AGGREGATES[aggregate](z, list(norms.values()))
+
+
+def surprisal(z: np.ndarray, norm: dict) -> np.ndarray:
+    """-log P(a normal image's part >= z): the normal scores' empirical distribution (its
+    quantiles every 5%, interpolated) up to their 90th percentile, beyond it an exponential
+    tail with the mean excess the normal images had there (so a value past every normal one
+    is still graded, not capped). Tied quantiles count from their lowest level, so a value
+    many normal images share (no flat pixels) is no surprise. The exponential is the simple
+    choice for the ~36 normal images past the 90th percentile of a calibration half: it
+    overstates how rare a far value is for a part whose normal tail is heavier (a Pareto's)
+    and understates it for a lighter one (a Gaussian's)."""
+    quantiles = np.asarray(norm["quantiles"], np.float64)
+    values, first = np.unique(quantiles, return_index=True)
+    cdf = np.interp(z, values, TAIL_LEVELS[first], left=0.0)
+    start = np.interp(TAIL_FROM, TAIL_LEVELS, quantiles)  # the 90th percentile, kept
+    tail = (1 - TAIL_FROM) * np.exp(-np.maximum(z - start, 0.0) / norm["tail_scale"])
+    return -np.log(np.maximum(np.where(z > start, tail, 1.0 - np.minimum(cdf, TAIL_FROM)), 1e-300))
 
 
 def normalised_part(scores: np.ndarray, norm: dict) -> np.ndarray:
@@ -464,22 +492,34 @@ def normalised_part(scores: np.ndarray, norm: dict) -> np.ndarray:
     return (scores - norm["center"]) / norm["scale"]
 
 
-def normalisation(normal_scores: np.ndarray, two_sided: bool = False) -> dict[str, float]:
+def normalisation(
+    normal_scores: np.ndarray, two_sided: bool = False, tail: bool = False
+) -> dict[str, float]:
     """Centre at the median of held-out normal scores, unit at their 99th percentile.
 
     Two-sided (a typicality test): on the log of the score, centre at its median, unit at the
     99th percentile of the distance from it, so an image whose statistic is unusually low (a
     blurred image reconstructs too well, fog leaves features too bland) counts as much as one
-    whose statistic is unusually high.
+    whose statistic is unusually high. `tail` adds what `surprisal` reads: the normalised
+    normal scores' quantiles at `TAIL_LEVELS` and their mean excess over the 90th percentile.
     """
     scores = np.asarray(normal_scores, np.float64)
     if two_sided:
         logs = np.log(np.maximum(scores, 1e-12))
         center = float(np.median(logs))
         spread = float(np.quantile(np.abs(logs - center), 0.99))
-        return {"center": center, "scale": max(spread, 1e-12), "two_sided": True}
-    median, q99 = np.quantile(scores, [0.5, 0.99])
-    return {"center": float(median), "scale": float(max(q99 - median, 1e-12))}
+        norm = {"center": center, "scale": max(spread, 1e-12), "two_sided": True}
+    else:
+        median, q99 = np.quantile(scores, [0.5, 0.99])
+        norm = {"center": float(median), "scale": float(max(q99 - median, 1e-12))}
+    if tail:
+        z = normalised_part(scores, norm)
+        quantiles = np.quantile(z, TAIL_LEVELS)
+        start = np.quantile(z, TAIL_FROM)
+        excess = z[z > start] - start
+        norm["quantiles"] = [float(q) for q in quantiles]
+        norm["tail_scale"] = float(max(excess.mean() if excess.size else 0.0, 1e-6))
+    return norm
 
 
 def logistic_scale(normal_scores: np.ndarray, threshold: float) -> float:

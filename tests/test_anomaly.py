@@ -367,7 +367,8 @@ def test_tonal_part_scores_the_most_atypical_photometric_statistic(scene_paths):
 def test_published_manifests_load_with_the_scorers_they_list_and_nothing_new(scene_paths):
     """Every published version serves exactly the scorers its manifest lists. Versions made
     before the photometric, spectrum and typicality parts combine by the largest normalised
-    part; later ones sum each part's excess over its normal median (`"aggregate": "sum"`)."""
+    part; versions 4-5 sum each part's excess over its normal median (`"aggregate": "sum"`),
+    later ones add the parts' surprisals (`"aggregate": "fisher"`)."""
     inputs = _fixture_inputs(scene_paths[:6])
     newer = {"photometric", "resampling", "typicality", "naturalness", "tonal"}
     aggregates = set()
@@ -387,9 +388,13 @@ def test_published_manifests_load_with_the_scorers_they_list_and_nothing_new(sce
                 for n, norm in combined["normalisation"].items()
             ]
         )
-        expected = parts.max(0) if aggregate == "max" else parts.clip(min=0).sum(0)
+        if aggregate == "fisher":
+            norms = list(combined["normalisation"].values())
+            expected = sum(anomaly.surprisal(z, norm) for z, norm in zip(parts, norms, strict=True))
+        else:
+            expected = parts.max(0) if aggregate == "max" else parts.clip(min=0).sum(0)
         np.testing.assert_allclose(scorers.score("combined", ev), expected)
-    assert aggregates == {"max", "sum"}
+    assert aggregates == {"max", "sum", "fisher"}
 
 
 def test_an_image_scores_the_same_to_the_last_bit_alone_or_in_a_batch(scene_paths):
@@ -402,6 +407,36 @@ def test_an_image_scores_the_same_to_the_last_bit_alone_or_in_a_batch(scene_path
         for name in scorers.names:
             one_by_one = np.concatenate([scorers.score(name, ev) for ev in alone])
             np.testing.assert_array_equal(scorers.score(name, together), one_by_one, (folder, name))
+
+
+def test_fisher_adds_surprisals_that_follow_each_parts_own_normal_tail():
+    """`surprisal` is -log of the share of normal images scoring at least as high: exact
+    enough on an exponential part, graded past every normal value (no cap), and zero where
+    most normal images share the value (a part that is usually 0); `fisher` adds them."""
+    rng = np.random.default_rng(0)
+    normal = rng.exponential(1.0, 5000)
+    norm = anomaly.normalisation(normal, tail=True)
+    assert len(norm["quantiles"]) == len(anomaly.TAIL_LEVELS) and norm["tail_scale"] > 0
+    x = np.array([np.median(normal), np.quantile(normal, 0.9), np.quantile(normal, 0.99)])
+    np.testing.assert_allclose(
+        anomaly.surprisal(anomaly.normalised_part(x, norm), norm),
+        -np.log([0.5, 0.1, 0.01]),
+        rtol=0.05,
+    )
+    far = anomaly.surprisal(
+        anomaly.normalised_part(np.array([2 * normal.max(), 3 * normal.max()]), norm), norm
+    )
+    assert far[1] > far[0] > -np.log(1 / len(normal))
+
+    mostly_zero = np.r_[np.zeros(950), rng.uniform(0.1, 1.0, 50)]
+    zero_norm = anomaly.normalisation(mostly_zero, tail=True)
+    assert anomaly.surprisal(anomaly.normalised_part(np.zeros(1), zero_norm), zero_norm)[0] == 0
+
+    # Fisher adds the parts' surprisals, part after part.
+    images = {"a": x, "b": x[::-1]}
+    norms = {"a": norm, "b": norm}
+    expected = sum(anomaly.surprisal(anomaly.normalised_part(v, norm), norm) for v in (x, x[::-1]))
+    np.testing.assert_allclose(anomaly.combine(images, norms, "fisher"), expected)
 
 
 def test_cross_fitted_threshold_holds_the_target_where_an_in_sample_one_does_not():

@@ -56,14 +56,21 @@ BASE_SCORERS = (
 # typicality as well lowered it (0.82), so it is served as a scorer of its own only. On 120
 # calibration images x 75 sets, each its own pick (model version 5), adding naturalness lifted
 # it from 0.830 to 0.845 (motion and zoom blur, JPEG) and tonal then to 0.863 (brightness,
-# frost, snow); tonal without naturalness gave 0.849 (README, "The default model").
+# frost, snow); tonal without naturalness gave 0.849 (README, "The default model"). Joining
+# those eleven by Fisher's combination instead of the sum: 0.875 on the measuring half (and
+# off-domain 0.832 -> 0.863), with more corrupted images flagged at the 1% threshold.
 COMBINED_PARTS = (
     "texture", "structure", "mse", "flat", "colour", "features", "noise",
     "photometric", "resampling", "naturalness", "tonal",
 )  # fmt: skip
-COMBINED_AGGREGATE = "sum"
+COMBINED_AGGREGATE = "fisher"
 # How the report words each aggregate of `anomaly.AGGREGATES`.
-JOINED = {"max": "the largest of", "sum": "the summed excess over their normal medians of"}
+JOINED = {
+    "max": "the largest of",
+    "sum": "the summed excess over their normal medians of",
+    "fisher": "Fisher's combination (the sum of -log tail probabilities under the held-out "
+    "normal scores, exponential past their 90th percentile) of",
+}
 # Parts tested for typicality both ways: scalar statistics that corruptions push below the
 # normal range as well as above it (blur lowers the reconstruction error and the noise level,
 # fog and pixelation make the encoder's features blander).
@@ -301,6 +308,15 @@ def calibrated_block(default: str, specs: dict, target_fpr: float, images: int, 
     }
 
 
+def part_norms(scores: dict[str, np.ndarray], aggregate: str) -> dict[str, dict]:
+    """Each part's normalisation on these normal scores, with its tail where `aggregate` reads
+    one (`fisher`)."""
+    return {
+        name: anomaly.normalisation(values, name in TWO_SIDED, tail=aggregate == "fisher")
+        for name, values in scores.items()
+    }
+
+
 def cross_fitted_combined(
     scores: dict[str, np.ndarray],
     parts: tuple[str, ...],
@@ -316,7 +332,7 @@ def cross_fitted_combined(
     out = np.empty(n)
     for k in np.unique(fold):
         fit, held = fold != k, fold == k
-        norms = {p: anomaly.normalisation(scores[p][fit], p in TWO_SIDED) for p in parts}
+        norms = part_norms({p: scores[p][fit] for p in parts}, aggregate)
         out[held] = anomaly.combine({p: scores[p][held] for p in parts}, norms, aggregate)
     return out
 
@@ -335,7 +351,7 @@ def calibrate_specs(
     specs = {name: dict(specs[name]) for name in names}
     base = anomaly.AnomalyScorers({"scorer": "mse", "scorers": specs}, folder)
     scores = {name: base.score(name, normal) for name in names}
-    norms = {name: anomaly.normalisation(scores[name], name in TWO_SIDED) for name in parts}
+    norms = part_norms({name: scores[name] for name in parts}, aggregate)
     specs["combined"] = {"normalisation": norms, "aggregate": aggregate}
     scores["combined"] = cross_fitted_combined(scores, parts, aggregate)
     for name, values in scores.items():
