@@ -479,10 +479,12 @@ def surprisal(z: np.ndarray, norm: dict) -> np.ndarray:
     and understates it for a lighter one (a Gaussian's)."""
     quantiles = np.asarray(norm["quantiles"], np.float64)
     values, first = np.unique(quantiles, return_index=True)
-    cdf = np.interp(z, values, TAIL_LEVELS[first], left=0.0)
+    cdf = np.minimum(np.interp(z, values, TAIL_LEVELS[first], left=0.0), TAIL_FROM)
     start = np.interp(TAIL_FROM, TAIL_LEVELS, quantiles)  # the 90th percentile, kept
-    tail = (1 - TAIL_FROM) * np.exp(-np.maximum(z - start, 0.0) / norm["tail_scale"])
-    return -np.log(np.maximum(np.where(z > start, tail, 1.0 - np.minimum(cdf, TAIL_FROM)), 1e-300))
+    # In log space, so the tail keeps grading however far out (no probability underflows).
+    tail = -np.log(1 - TAIL_FROM) + np.maximum(z - start, 0.0) / norm["tail_scale"]
+    out = np.where(z > start, tail, -np.log1p(-cdf))
+    return np.where(np.isnan(z), np.nan, out)  # a broken part stays visible, not "normal"
 
 
 def normalised_part(scores: np.ndarray, norm: dict) -> np.ndarray:
@@ -504,6 +506,8 @@ def normalisation(
     normal scores' quantiles at `TAIL_LEVELS` and their mean excess over the 90th percentile.
     """
     scores = np.asarray(normal_scores, np.float64)
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("normal scores to normalise on must be finite")
     if two_sided:
         logs = np.log(np.maximum(scores, 1e-12))
         center = float(np.median(logs))

@@ -432,11 +432,23 @@ def test_fisher_adds_surprisals_that_follow_each_parts_own_normal_tail():
     zero_norm = anomaly.normalisation(mostly_zero, tail=True)
     assert anomaly.surprisal(anomaly.normalised_part(np.zeros(1), zero_norm), zero_norm)[0] == 0
 
-    # Fisher adds the parts' surprisals, part after part.
-    images = {"a": x, "b": x[::-1]}
-    norms = {"a": norm, "b": norm}
-    expected = sum(anomaly.surprisal(anomaly.normalised_part(v, norm), norm) for v in (x, x[::-1]))
-    np.testing.assert_allclose(anomaly.combine(images, norms, "fisher"), expected)
+    # Fisher adds each part's surprisal under that part's own tail: an exponential part at its
+    # 90th and 99th percentiles plus a mostly-zero part at 0 (no surprise) and past its max.
+    images = {"a": x[1:], "b": np.array([0.0, 2.0])}
+    norms = {"a": norm, "b": zero_norm}
+    b_far = (
+        -np.log(0.1)
+        + (anomaly.normalised_part(np.array([2.0]), zero_norm)[0] - zero_norm["quantiles"][18])
+        / zero_norm["tail_scale"]
+    )
+    np.testing.assert_allclose(
+        anomaly.combine(images, norms, "fisher"),
+        [-np.log(0.1), -np.log(0.01) + b_far],
+        rtol=0.05,
+    )
+    assert np.isnan(anomaly.surprisal(np.array([np.nan]), norm)[0])
+    with pytest.raises(ValueError, match="finite"):
+        anomaly.normalisation(np.array([1.0, np.inf]), tail=True)
 
 
 def test_cross_fitted_threshold_holds_the_target_where_an_in_sample_one_does_not():
