@@ -60,7 +60,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -80,6 +80,14 @@ class Evidence:
     inputs: np.ndarray
     outputs: np.ndarray
     latents: np.ndarray
+    _statistics: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def statistic(self, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """`compute(self.inputs)`, once per Evidence however many scorers read it (`combined`
+        runs `photometric` and `tonal` on the same statistics)."""
+        if compute not in self._statistics:
+            self._statistics[compute] = compute(self.inputs)
+        return self._statistics[compute]
 
 
 def per_image_mse(inputs: np.ndarray, outputs: np.ndarray) -> np.ndarray:
@@ -388,7 +396,7 @@ DENSITY_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
     "latent": lambda ev: ev.latents,
     "colour": lambda ev: colour_statistics(ev.inputs),
     "texture": lambda ev: texture_statistics(ev.inputs),
-    "photometric": lambda ev: photometric_statistics(ev.inputs),
+    "photometric": lambda ev: ev.statistic(photometric_statistics),
     "resampling": lambda ev: resampling_statistics(ev.inputs),
     "naturalness": lambda ev: naturalness_statistics(ev.inputs),
 }
@@ -397,7 +405,7 @@ DENSITY_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
 # Statistics tested one at a time (`marginal_scorer`); each scorer's medians and scales are
 # stored as <name>_median, <name>_scale beside the Gaussians.
 MARGINAL_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
-    "tonal": lambda ev: photometric_statistics(ev.inputs),
+    "tonal": lambda ev: ev.statistic(photometric_statistics),
 }
 
 
@@ -480,11 +488,16 @@ def surprisal(z: np.ndarray, norm: dict) -> np.ndarray:
     quantiles = np.asarray(norm["quantiles"], np.float64)
     values, first = np.unique(quantiles, return_index=True)
     cdf = np.minimum(np.interp(z, values, TAIL_LEVELS[first], left=0.0), TAIL_FROM)
-    start = np.interp(TAIL_FROM, TAIL_LEVELS, quantiles)  # the 90th percentile, kept
+    start = _tail_start(quantiles)
     # In log space, so the tail keeps grading however far out (no probability underflows).
     tail = -np.log(1 - TAIL_FROM) + np.maximum(z - start, 0.0) / norm["tail_scale"]
     out = np.where(z > start, tail, -np.log1p(-cdf))
     return np.where(np.isnan(z), np.nan, out)  # a broken part stays visible, not "normal"
+
+
+def _tail_start(quantiles: np.ndarray) -> float:
+    """The 90th percentile, one of the kept quantiles: where the exponential tail begins."""
+    return float(np.interp(TAIL_FROM, TAIL_LEVELS, quantiles))
 
 
 def normalised_part(scores: np.ndarray, norm: dict) -> np.ndarray:
@@ -494,9 +507,7 @@ def normalised_part(scores: np.ndarray, norm: dict) -> np.ndarray:
     return (scores - norm["center"]) / norm["scale"]
 
 
-def normalisation(
-    normal_scores: np.ndarray, two_sided: bool = False, tail: bool = False
-) -> dict[str, float]:
+def normalisation(normal_scores: np.ndarray, two_sided: bool = False, tail: bool = False) -> dict:
     """Centre at the median of held-out normal scores, unit at their 99th percentile.
 
     Two-sided (a typicality test): on the log of the score, centre at its median, unit at the
@@ -519,7 +530,7 @@ def normalisation(
     if tail:
         z = normalised_part(scores, norm)
         quantiles = np.quantile(z, TAIL_LEVELS)
-        start = np.quantile(z, TAIL_FROM)
+        start = _tail_start(quantiles)
         excess = z[z > start] - start
         norm["quantiles"] = [float(q) for q in quantiles]
         norm["tail_scale"] = float(max(excess.mean() if excess.size else 0.0, 1e-6))

@@ -42,13 +42,15 @@ def main() -> None:
     inputs = np.stack([runner.preprocess(p.read_bytes()) for p in paths])
     inputs = np.resize(inputs, (args.images, *inputs.shape[1:]))
     latents, outputs = runner.reconstruct_all(inputs)
-    ev = anomaly.Evidence(inputs, outputs, latents)
     scorers = anomaly.AnomalyScorers(runner.manifest["anomaly"], runner.folder)
     n = len(inputs)
+
+    def score(name: str) -> np.ndarray:
+        # A fresh Evidence per run, as each request has: it keeps no statistics from the last.
+        return scorers.score(name, anomaly.Evidence(inputs, outputs, latents))
+
     ms = {"graphs (encoder + decoder)": best_ms(lambda: runner.reconstruct_all(inputs), n)}
-    ms.update(
-        {name: best_ms(lambda name=name: scorers.score(name, ev), n) for name in scorers.names}
-    )
+    ms.update({name: best_ms(lambda name=name: score(name), n) for name in scorers.names})
     result = {
         "machine": machine(),
         "loadavg_1min": os.getloadavg()[0],
