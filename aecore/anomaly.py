@@ -8,6 +8,9 @@ and latents) to one score per image, higher meaning more anomalous:
   from their anomaly maps: a small defect stands out where a global mean hides it;
 - `latent`: squared Mahalanobis distance of the latent under a Gaussian of training latents;
 - `noise`: the image's noise level (Donoho's estimate from the finest Haar detail band);
+- `noise_floor`: the noise floor of the image's flattest colour patches (the smallest
+  eigenvalue of their covariance): noise drawn per pixel and channel lifts it at levels where
+  a scene's texture hides it from `noise`;
 - `flat`: the fraction of perfectly flat pixels (occluders, dead or padded regions);
 - `colour`: Mahalanobis distance of colour statistics under a Gaussian of training images;
 - `texture`: Mahalanobis distance of multi-scale high-frequency energy statistics (the noise
@@ -37,9 +40,9 @@ and latents) to one score per image, higher meaning more anomalous:
   whether the image's mix of textures is that of the training scenes (off-domain photos);
 - `combined`: each of its parts put on the scale of its own held-out normal images (0 at their
   median, 1 at their 99th percentile; two-sided parts on the log scale, distance from the
-  median either way), then the largest: as anomalous as the most alarmed. Its parts are the
-  ones its manifest's normalisation lists, so versions published before a part existed serve
-  exactly as before.
+  median either way), then joined by its manifest's aggregate (`AGGREGATES`). Its parts are
+  the ones its manifest's normalisation lists, so versions published before a part existed
+  serve exactly as before.
 
 Served scores are normalised to (0, 1) with the threshold at 0.5 (as anomalib does): a logistic
 map of the raw score, centred on the calibrated threshold, one unit being the distance from the
@@ -117,6 +120,27 @@ def noise_level(inputs: np.ndarray) -> np.ndarray:
     g = grey[:, :h, :w]
     hh = (g[:, 0::2, 0::2] - g[:, 0::2, 1::2] - g[:, 1::2, 0::2] + g[:, 1::2, 1::2]) / 2
     return np.median(np.abs(hh).reshape(len(g), -1), axis=1) / 0.6745
+
+
+def noise_floor(inputs: np.ndarray, patch: int = 3, flattest: float = 0.3) -> np.ndarray:
+    """The noise floor (a sigma) of each image's flattest colour patches: the square root of the
+    smallest eigenvalue of the covariance of its patch x patch RGB patches (every other
+    position), over the `flattest` share with the least variance; after Liu, Tanaka and
+    Okutomi's noise-level estimate (2013).
+
+    A clean photo's flat patches hold almost nothing in their weakest direction whatever the
+    scene, because colour varies smoothly and mostly along the luma direction; noise drawn
+    per pixel and channel lifts every direction by its variance, where the scene's texture
+    cannot mask it as it masks noise in `noise_level`'s grey detail band.
+    """
+    out = np.empty(len(inputs))
+    for i, image in enumerate(inputs.astype(np.float32)):
+        windows = np.lib.stride_tricks.sliding_window_view(image, (patch, patch), axis=(0, 1))
+        patches = windows[::2, ::2].reshape(-1, patch * patch * image.shape[-1])
+        keep = max(int(len(patches) * flattest), patches.shape[1] + 1)
+        flat = patches[np.argpartition(patches.var(axis=1), keep - 1)[:keep]]
+        out[i] = np.sqrt(max(np.linalg.eigvalsh(np.cov(flat.T.astype(np.float64)))[0], 0.0))
+    return out
 
 
 def flat_fraction(inputs: np.ndarray, window: int = 5, tolerance: float = 1e-6) -> np.ndarray:
@@ -424,6 +448,19 @@ def marginal_scorer(name: str, median: np.ndarray, scale: np.ndarray) -> Scorer:
     return lambda ev: (np.abs(features(ev) - median) / scale).max(axis=1)
 
 
+# Scorers that are one statistic of the input image.
+STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "noise": noise_level,
+    "noise_floor": noise_floor,
+    "flat": flat_fraction,
+}
+
+
+def statistic_scorer(name: str) -> Scorer:
+    statistic = STATISTICS[name]
+    return lambda ev: statistic(ev.inputs)
+
+
 def mse_scorer() -> Scorer:
     return lambda ev: per_image_mse(ev.inputs, ev.outputs)
 
@@ -582,10 +619,8 @@ class AnomalyScorers:
                 self._scorers[name] = mse_scorer()
             elif name == "local":
                 self._scorers[name] = local_scorer(self.sigma)
-            elif name == "noise":
-                self._scorers[name] = lambda ev: noise_level(ev.inputs)
-            elif name == "flat":
-                self._scorers[name] = lambda ev: flat_fraction(ev.inputs)
+            elif name in STATISTICS:
+                self._scorers[name] = statistic_scorer(name)
             elif name == "structure":
                 self._scorers[name] = lambda ev: structural_error(ev.inputs, ev.outputs)
             elif name == "features":

@@ -67,6 +67,22 @@ def test_noise_level_estimates_sigma_on_a_real_photo(scene_paths):
     assert noisy_level == pytest.approx(0.08 / np.sqrt(3), rel=0.3)  # grey averages 3 channels
 
 
+def test_noise_floor_sees_mild_noise_that_texture_hides_from_noise_level(scene_paths):
+    """Noise of 1% of the range, drawn per pixel and channel, lifts every fixture photo's noise
+    floor above every clean photo's, to about its sigma; the grey detail band's estimate does
+    not separate them, because the most textured clean photos read as noisier. Grey and flat
+    images have no floor."""
+    photos = np.stack([load_image(p.read_bytes(), ImageSpec()) for p in scene_paths])
+    noisy = np.clip(photos + np.random.default_rng(0).normal(0, 0.01, photos.shape), 0, 1)
+    clean_floor, noisy_floor = anomaly.noise_floor(photos), anomaly.noise_floor(noisy)
+    assert noisy_floor.min() > clean_floor.max()
+    assert noisy_floor.min() > 0.006 and noisy_floor.max() < 0.011
+    assert anomaly.noise_level(noisy).min() < anomaly.noise_level(photos).max()
+    grey = np.repeat(photos[:2, ..., :1], 3, axis=-1)
+    flat = np.full((1, 128, 128, 3), 0.5, np.float32)
+    np.testing.assert_allclose(anomaly.noise_floor(np.concatenate([grey, flat])), 0.0, atol=1e-6)
+
+
 def test_flat_fraction_counts_constant_neighbourhoods(scene_paths):
     photo = load_image(scene_paths[0].read_bytes(), ImageSpec())[None]
     patched = photo.copy()
@@ -370,7 +386,7 @@ def test_published_manifests_load_with_the_scorers_they_list_and_nothing_new(sce
     part; versions 4-5 sum each part's excess over its normal median (`"aggregate": "sum"`),
     later ones add the parts' surprisals (`"aggregate": "fisher"`)."""
     inputs = _fixture_inputs(scene_paths[:6])
-    newer = {"photometric", "resampling", "typicality", "naturalness", "tonal"}
+    newer = {"photometric", "resampling", "typicality", "naturalness", "tonal", "noise_floor"}
     aggregates = set()
     for folder in sorted((DEFAULT_MODEL_DIR / "intel-scenes").glob("[0-9]*")):
         block = manifest.read(folder)["anomaly"]

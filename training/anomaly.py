@@ -48,6 +48,7 @@ REQUIRED_SCORERS = (
 )  # fmt: skip
 BASE_SCORERS = (
     *REQUIRED_SCORERS, "photometric", "resampling", "typicality", "naturalness", "tonal",
+    "noise_floor",
 )  # fmt: skip
 # The parts of `combined` and how they are joined, chosen on corruptions of the calibration
 # half (never the measuring half, never the off-domain photos): see report/anomaly.md. On
@@ -62,7 +63,7 @@ BASE_SCORERS = (
 # with more corrupted images flagged at the 1% threshold.
 COMBINED_PARTS = (
     "texture", "structure", "mse", "flat", "colour", "features", "noise",
-    "photometric", "resampling", "naturalness", "tonal",
+    "photometric", "resampling", "naturalness", "tonal", "noise_floor",
 )  # fmt: skip
 COMBINED_AGGREGATE = "fisher"
 # How the report words each aggregate of `anomaly.AGGREGATES`.
