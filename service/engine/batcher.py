@@ -201,15 +201,21 @@ class Batcher:
                 log.exception(
                     "the %s batching worker died; failing its waiting requests", self.part
                 )
-                self._fail_waiting()
                 now = time.monotonic()
                 self._deaths.append(now)
                 while self._deaths and now - self._deaths[0] > RESTART_WINDOW_S:
                     self._deaths.popleft()
-                if len(self._deaths) >= RESTARTS:
+                dead = len(self._deaths) >= RESTARTS
+                if dead:
+                    # Under the lock `put` checks health under, and before the queue is
+                    # failed: a request that arrives meanwhile is either failed with the
+                    # queue or refused, never left queued for a thread that is gone.
+                    with self._ready:
+                        self.healthy = False
+                self._fail_waiting()
+                if dead:
                     log.error("the %s worker died %d times in %g s: unhealthy", self.part,
                               len(self._deaths), RESTART_WINDOW_S)  # fmt: skip
-                    self.healthy = False
                     return
 
     def _serve(self) -> None:
