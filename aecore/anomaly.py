@@ -123,22 +123,36 @@ def noise_level(inputs: np.ndarray) -> np.ndarray:
 
 
 def noise_floor(inputs: np.ndarray, patch: int = 3, flattest: float = 0.3) -> np.ndarray:
-    """The noise floor (a sigma) of each image's flattest colour patches: the square root of the
-    smallest eigenvalue of the covariance of its patch x patch RGB patches (every other
-    position), over the `flattest` share with the least variance; after Liu, Tanaka and
-    Okutomi's noise-level estimate (2013).
+    """The noise floor (about a sigma) of each image's flattest colour patches: the square root
+    of the smallest eigenvalue of the covariance of its patch x patch RGB patches at every other
+    position, over the `flattest` share of them, ranked by their channels' own spatial variance;
+    after Liu, Tanaka and Okutomi's noise-level estimate (2013).
 
     A clean photo's flat patches hold almost nothing in their weakest direction whatever the
     scene, because colour varies smoothly and mostly along the luma direction; noise drawn
     per pixel and channel lifts every direction by its variance, where the scene's texture
-    cannot mask it as it masks noise in `noise_level`'s grey detail band.
+    cannot mask it as it masks noise in `noise_level`'s grey detail band. Ranked per channel,
+    so a flat saturated region (a blue sky) counts as flat; perfectly constant patches are left
+    out (`flat_fraction` counts them), so a clean border or bar cannot hide noise elsewhere.
+    Images without enough varying patches to estimate a covariance score 0; a non-finite pixel
+    makes the score NaN.
     """
     out = np.empty(len(inputs))
     for i, image in enumerate(inputs.astype(np.float32)):
+        if not np.isfinite(image).all():
+            out[i] = np.nan
+            continue
         windows = np.lib.stride_tricks.sliding_window_view(image, (patch, patch), axis=(0, 1))
-        patches = windows[::2, ::2].reshape(-1, patch * patch * image.shape[-1])
-        keep = max(int(len(patches) * flattest), patches.shape[1] + 1)
-        flat = patches[np.argpartition(patches.var(axis=1), keep - 1)[:keep]]
+        windows = windows[::2, ::2].reshape(-1, image.shape[-1], patch * patch)  # [n, C, p*p]
+        spread = windows.var(axis=2).sum(axis=1)
+        varying = spread > 0
+        patches = windows[varying].reshape(-1, windows.shape[1] * windows.shape[2])
+        spread = spread[varying]
+        if len(patches) <= patches.shape[1]:
+            out[i] = 0.0
+            continue
+        keep = max(int(len(patches) * flattest), patches.shape[1] + 1)  # a full-rank covariance
+        flat = patches[np.argpartition(spread, keep - 1)[:keep]]
         out[i] = np.sqrt(max(np.linalg.eigvalsh(np.cov(flat.T.astype(np.float64)))[0], 0.0))
     return out
 

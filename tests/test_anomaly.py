@@ -69,18 +69,40 @@ def test_noise_level_estimates_sigma_on_a_real_photo(scene_paths):
 
 def test_noise_floor_sees_mild_noise_that_texture_hides_from_noise_level(scene_paths):
     """Noise of 1% of the range, drawn per pixel and channel, lifts every fixture photo's noise
-    floor above every clean photo's, to about its sigma; the grey detail band's estimate does
-    not separate them, because the most textured clean photos read as noisier. Grey and flat
-    images have no floor."""
+    floor above every clean photo's, to about its sigma, where the grey detail band's estimate
+    does not separate them (the most textured clean photos read as noisier). Grey and flat
+    images have no floor; a non-finite pixel gives NaN."""
     photos = np.stack([load_image(p.read_bytes(), ImageSpec()) for p in scene_paths])
     noisy = np.clip(photos + np.random.default_rng(0).normal(0, 0.01, photos.shape), 0, 1)
     clean_floor, noisy_floor = anomaly.noise_floor(photos), anomaly.noise_floor(noisy)
     assert noisy_floor.min() > clean_floor.max()
-    assert noisy_floor.min() > 0.006 and noisy_floor.max() < 0.011
+    assert noisy_floor.min() > 0.005 and noisy_floor.max() < 0.011
     assert anomaly.noise_level(noisy).min() < anomaly.noise_level(photos).max()
     grey = np.repeat(photos[:2, ..., :1], 3, axis=-1)
     flat = np.full((1, 128, 128, 3), 0.5, np.float32)
     np.testing.assert_allclose(anomaly.noise_floor(np.concatenate([grey, flat])), 0.0, atol=1e-6)
+    broken = photos[:1].copy()
+    broken[0, 5, 5, 1] = np.nan
+    assert np.isnan(anomaly.noise_floor(broken)[0])
+
+
+def test_noise_floor_finds_noise_in_a_blue_sky_and_past_a_clean_black_bar(scene_paths):
+    """The flattest patches are chosen by each channel's own variation: noise confined to a
+    smooth saturated sky over half the image is found in most photos (ranked over all 27
+    numbers, the sky's patches vary more than the photo's neutral ones, and the floor stays
+    the clean photo's). A clean black bar over a third of the image (letterboxing) is not
+    taken for the floor: the noise in the rest still shows (it gave exactly 0)."""
+    photos = np.stack([load_image(p.read_bytes(), ImageSpec()) for p in scene_paths[:6]])
+    rng = np.random.default_rng(1)
+    sky = photos.copy()
+    sky[:, :64] = np.array([0.2, 0.45, 0.85]) + 0.05 * np.linspace(0, 1, 64)[:, None, None]
+    noisy_sky = sky.copy()
+    noisy_sky[:, :64] = np.clip(sky[:, :64] + rng.normal(0, 0.03, sky[:, :64].shape), 0, 1)
+    assert np.median(anomaly.noise_floor(noisy_sky)) > 0.01 > anomaly.noise_floor(sky).max()
+    noisy = np.clip(photos + rng.normal(0, 0.03, photos.shape), 0, 1)
+    for images in (photos, noisy):
+        images[:, :45] = 0.0
+    assert anomaly.noise_floor(noisy).min() > 0.01 > anomaly.noise_floor(photos).max()
 
 
 def test_flat_fraction_counts_constant_neighbourhoods(scene_paths):
