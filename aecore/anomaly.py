@@ -8,8 +8,8 @@ and latents) to one score per image, higher meaning more anomalous:
   from their anomaly maps: a small defect stands out where a global mean hides it;
 - `latent`: squared Mahalanobis distance of the latent under a Gaussian of training latents;
 - `noise`: the image's noise level (Donoho's estimate from the finest Haar detail band);
-- `noise_floor`: the noise floor of the image's flattest colour patches (the smallest
-  eigenvalue of their covariance): noise drawn per pixel and channel lifts it at levels where
+- `noise_floor`: the noise floor of the image's flattest colour patches (the square root of
+  the smallest eigenvalue of their covariance): noise drawn per pixel and channel lifts it at levels where
   a scene's texture hides it from `noise`;
 - `flat`: the fraction of perfectly flat pixels (occluders, dead or padded regions);
 - `colour`: Mahalanobis distance of colour statistics under a Gaussian of training images;
@@ -133,9 +133,10 @@ def noise_floor(inputs: np.ndarray, patch: int = 3, flattest: float = 0.3) -> np
     per pixel and channel lifts every direction by its variance, where the scene's texture
     cannot mask it as it masks noise in `noise_level`'s grey detail band. Ranked per channel,
     so a flat saturated region (a blue sky) counts as flat; perfectly constant patches are left
-    out (`flat_fraction` counts them), so a clean border or bar cannot hide noise elsewhere.
-    Images without enough varying patches to estimate a covariance score 0; a non-finite pixel
-    makes the score NaN.
+    out (constant regions are `flat_fraction`'s business), so a clean border or bar cannot hide
+    noise elsewhere. At least one more patch than a patch has numbers is kept, for a full-rank
+    covariance; images without that many varying patches score 0; a non-finite pixel makes the
+    score NaN.
     """
     out = np.empty(len(inputs))
     for i, image in enumerate(inputs.astype(np.float32)):
@@ -145,7 +146,9 @@ def noise_floor(inputs: np.ndarray, patch: int = 3, flattest: float = 0.3) -> np
         windows = np.lib.stride_tricks.sliding_window_view(image, (patch, patch), axis=(0, 1))
         windows = windows[::2, ::2].reshape(-1, image.shape[-1], patch * patch)  # [n, C, p*p]
         spread = windows.var(axis=2).sum(axis=1)
-        varying = spread > 0
+        # Not `> 0`: the float variance of equal values can round above 0, by far less than
+        # one 8-bit step in one pixel adds (1.5e-6).
+        varying = spread > 1e-10
         patches = windows[varying].reshape(-1, windows.shape[1] * windows.shape[2])
         spread = spread[varying]
         if len(patches) <= patches.shape[1]:
