@@ -9,8 +9,8 @@ and latents) to one score per image, higher meaning more anomalous:
 - `latent`: squared Mahalanobis distance of the latent under a Gaussian of training latents;
 - `noise`: the image's noise level (Donoho's estimate from the finest Haar detail band);
 - `noise_floor`: the noise floor of the image's flattest colour patches (the square root of
-  the smallest eigenvalue of their covariance): noise drawn per pixel and channel lifts it at levels where
-  a scene's texture hides it from `noise`;
+  the smallest eigenvalue of their covariance): noise drawn per pixel and channel lifts it at
+  levels where a scene's texture hides it from `noise`;
 - `flat`: the fraction of perfectly flat pixels (occluders, dead or padded regions);
 - `colour`: Mahalanobis distance of colour statistics under a Gaussian of training images;
 - `texture`: Mahalanobis distance of multi-scale high-frequency energy statistics (the noise

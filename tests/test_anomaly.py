@@ -91,7 +91,8 @@ def test_noise_floor_finds_noise_in_a_blue_sky_and_past_a_clean_black_bar(scene_
     smooth saturated sky over half the image is found in most photos (ranked over all 27
     numbers, the sky's patches vary more than the photo's neutral ones, and the floor stays
     the clean photo's). A clean black bar over a third of the image (letterboxing) is not
-    taken for the floor, whatever its level: the noise in the rest still shows (it gave exactly 0)."""
+    taken for the floor, whatever its level: the noise in the rest still shows (it gave
+    exactly 0)."""
     photos = np.stack([load_image(p.read_bytes(), ImageSpec()) for p in scene_paths[:6]])
     rng = np.random.default_rng(1)
     sky = photos.copy()
