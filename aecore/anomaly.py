@@ -17,6 +17,11 @@ and latents) to one score per image, higher meaning more anomalous:
   residual's floor, median and peaks at three scales) under a Gaussian of training images:
   noise lifts them, blur, fog and low contrast lower them, whatever their parameters;
 - `structure`: one minus the multi-scale SSIM of input and reconstruction;
+- `excess_mse`, `excess_structure`: those two errors relative to the detail the image holds
+  (`detail_level`): the log error minus what a line through training images' log detail and
+  log error predicts. An autoencoder reproduces smooth images of anything better than detailed
+  ones (Serra et al. 2020, input complexity), so an off-domain photo's raw error looks normal
+  or low; for its detail level it is high;
 - `features`: PaDiM-style density of the encoder's own intermediate features per spatial
   position (a mean per position, one shared covariance), mean of the distance map;
 - `photometric`: Mahalanobis distance of where the tonal range sits (black and white points,
@@ -91,6 +96,9 @@ class Evidence:
         if compute not in self._statistics:
             self._statistics[compute] = compute(self.inputs)
         return self._statistics[compute]
+
+
+Scorer = Callable[[Evidence], np.ndarray]
 
 
 def per_image_mse(inputs: np.ndarray, outputs: np.ndarray) -> np.ndarray:
@@ -375,6 +383,46 @@ def structural_error(inputs: np.ndarray, outputs: np.ndarray, scales: int = 3) -
     return out
 
 
+def detail_level(inputs: np.ndarray) -> np.ndarray:
+    """How much fine detail each image holds: the mean absolute Laplacian of its grey image."""
+    grey = np.ascontiguousarray(inputs.astype(np.float32) @ np.float32([0.299, 0.587, 0.114]))
+    return np.array([np.abs(cv2.Laplacian(g, cv2.CV_32F)).mean(dtype=np.float64) for g in grey])
+
+
+# The reconstruction errors, as scorers of their own and as what the excess scorers relate to
+# the detail level.
+ERRORS: dict[str, Scorer] = {
+    "mse": lambda ev: per_image_mse(ev.inputs, ev.outputs),
+    "structure": lambda ev: structural_error(ev.inputs, ev.outputs),
+}
+# Each excess scorer's error; its line (intercept, slope) is stored as <name>_line beside the
+# Gaussians.
+EXCESS_ERRORS = {"excess_mse": "mse", "excess_structure": "structure"}
+
+
+def excess_terms(name: str, ev: Evidence) -> tuple[np.ndarray, np.ndarray]:
+    """(log detail level, log error) of each image for the excess scorer `name` (both floored:
+    a flat image has no detail, a perfect reconstruction no error)."""
+    detail = np.log(ev.statistic(detail_level) + 1e-4)
+    return detail, np.log(np.maximum(ERRORS[EXCESS_ERRORS[name]](ev), 1e-12))
+
+
+def excess_fit(detail: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """The least-squares line through training images' (log detail, log error): intercept, slope."""
+    slope, intercept = np.polyfit(detail, error, 1)
+    return np.array([intercept, slope])
+
+
+def excess_scorer(name: str, line: np.ndarray) -> Scorer:
+    """How far each image's log error lies above the line for its detail level."""
+
+    def score(ev: Evidence) -> np.ndarray:
+        detail, error = excess_terms(name, ev)
+        return error - (line[0] + line[1] * detail)
+
+    return score
+
+
 class FeatureDensity:
     """PaDiM with the model's own encoder as the backbone (no pretrained network is available
     offline): the encoder's two first stages, pooled to the second's grid and concatenated,
@@ -430,8 +478,6 @@ class FeatureTypicality(FeatureDensity):
         return mahalanobis(feature_statistics(self.features(ev.inputs)), self.mean, self.precision)
 
 
-Scorer = Callable[[Evidence], np.ndarray]
-
 # What each density scorer measures; its Gaussian is stored as <name>_mean, <name>_precision.
 DENSITY_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
     "latent": lambda ev: ev.latents,
@@ -476,10 +522,6 @@ STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 def statistic_scorer(name: str) -> Scorer:
     statistic = STATISTICS[name]
     return lambda ev: statistic(ev.inputs)
-
-
-def mse_scorer() -> Scorer:
-    return lambda ev: per_image_mse(ev.inputs, ev.outputs)
 
 
 def local_scorer(sigma: float = DEFAULT_SIGMA) -> Scorer:
@@ -632,14 +674,12 @@ class AnomalyScorers:
         self._scorers: dict[str, Scorer] = {}
         gaussians = self._gaussians(specs, folder)
         for name, spec in specs.items():
-            if name == "mse":
-                self._scorers[name] = mse_scorer()
+            if name in ERRORS:
+                self._scorers[name] = ERRORS[name]
             elif name == "local":
                 self._scorers[name] = local_scorer(self.sigma)
             elif name in STATISTICS:
                 self._scorers[name] = statistic_scorer(name)
-            elif name == "structure":
-                self._scorers[name] = lambda ev: structural_error(ev.inputs, ev.outputs)
             elif name == "features":
                 graph = Path(folder) / spec["graph"]
                 _check_hash(graph, spec.get("graph_sha256"))
@@ -653,6 +693,8 @@ class AnomalyScorers:
             elif name in DENSITY_FEATURES:
                 mean, precision = gaussians[f"{name}_mean"], gaussians[f"{name}_precision"]
                 self._scorers[name] = density_scorer(name, mean, precision)
+            elif name in EXCESS_ERRORS:
+                self._scorers[name] = excess_scorer(name, gaussians[f"{name}_line"])
             elif name in MARGINAL_FEATURES:
                 median, scale = gaussians[f"{name}_median"], gaussians[f"{name}_scale"]
                 self._scorers[name] = marginal_scorer(name, median, scale)

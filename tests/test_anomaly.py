@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -44,7 +45,7 @@ def test_local_scorer_finds_a_concentrated_error_that_mse_averages_away():
     spread[0] += 0.05  # small error everywhere
     spread[1, 24:40, 24:40] += 0.05 * np.sqrt(64 * 64 / (16 * 16))  # same total, in one patch
     ev = _evidence(spread, clean)
-    mse = anomaly.mse_scorer()(ev)
+    mse = anomaly.ERRORS["mse"](ev)
     local = anomaly.local_scorer(sigma=2.0)(ev)
     assert mse[0] == pytest.approx(mse[1], rel=1e-4)
     assert local[1] > 5 * local[0]
@@ -158,6 +159,27 @@ def test_the_bundled_model_carries_every_scorer_calibrated(served_folder, scene_
     )
 
 
+def test_excess_errors_rank_photos_from_elsewhere_above_scenes_that_raw_errors_rank_below(
+    served_folder, scene_paths
+):
+    """The served model reconstructs photos from elsewhere (people, objects, text) with less
+    error than the scenes, so raw MSE calls them normal; for the detail they hold, their errors
+    are the larger."""
+    from aecore.preprocessing import resize_rgb
+    from training.anomaly import off_domain_photos
+
+    scorers, evidence = _served_scorers(served_folder)
+    scenes = evidence(_fixture_inputs(scene_paths))
+    photos = [p for p in off_domain_photos() if min(p.shape[:2]) >= 128]
+    side = [min(p.shape[:2]) for p in photos]
+    crops = np.stack([resize_rgb(np.ascontiguousarray(p[:s, :s]), ImageSpec())
+                      for p, s in zip(photos, side, strict=True)])  # fmt: skip
+    elsewhere = evidence(crops.astype(np.float32) / 255.0)
+    for name, error in anomaly.EXCESS_ERRORS.items():
+        assert np.median(scorers.score(error, elsewhere)) < np.median(scorers.score(error, scenes))
+        assert np.median(scorers.score(name, elsewhere)) > np.median(scorers.score(name, scenes))
+
+
 def test_a_tampered_latent_gaussian_is_refused(served_folder, tmp_path):
     copy = tmp_path / "m"
     shutil.copytree(served_folder, copy)
@@ -209,6 +231,40 @@ def test_texture_statistics_move_up_with_noise_and_down_with_blur(scene_paths):
     assert np.all(anomaly.texture_statistics(blurred)[:, 2] < base[:, 2])  # fine detail down
 
 
+def test_detail_level_is_zero_for_flat_images_and_scales_with_contrast(scene_paths):
+    photos = _fixture_inputs(scene_paths[:6])
+    flat = np.full((2, 128, 128, 3), 0.4, np.float32)
+    np.testing.assert_allclose(anomaly.detail_level(flat), 0.0, atol=1e-9)
+    detail = anomaly.detail_level(photos)
+    assert np.all(detail > 0.01)
+    # Halving the contrast about the mean halves the Laplacian, wherever the image sits.
+    np.testing.assert_allclose(anomaly.detail_level(0.5 * photos + 0.25), detail / 2, rtol=1e-4)
+    blurred = np.stack([cv2.GaussianBlur(p, (0, 0), 1.5) for p in photos])
+    assert np.all(anomaly.detail_level(blurred) < detail / 2)
+
+
+def test_excess_error_is_the_log_error_above_the_training_line():
+    """A line fitted through (log detail, log error) pairs is recovered, an image on it scores
+    0, and one with twice the error its detail predicts scores ln 2, whatever its detail."""
+    rng = np.random.default_rng(0)
+    detail = rng.uniform(-4.0, -1.0, 200)
+    line = anomaly.excess_fit(detail, -2.0 + 1.5 * detail)
+    np.testing.assert_allclose(line, [-2.0, 1.5], atol=1e-9)
+    inputs = rng.uniform(0.2, 0.8, (3, 32, 32, 3)).astype(np.float32)
+    inputs[2] = 0.5  # flat: no detail at all
+    ev = _evidence(inputs, inputs + 0.01)
+    log_detail, log_error = anomaly.excess_terms("excess_mse", ev)
+    np.testing.assert_allclose(log_error, np.log(1e-4), rtol=1e-4)
+    assert np.isfinite(log_detail).all()  # floored, not -inf, for the flat one
+    scorer = anomaly.excess_scorer(
+        "excess_mse", np.array([log_error[0] - 1.5 * log_detail[0], 1.5])
+    )
+    scores = scorer(ev)
+    assert scores[0] == pytest.approx(0.0, abs=1e-9)
+    doubled = scorer(_evidence(inputs, inputs + 0.01 * np.sqrt(2)))
+    np.testing.assert_allclose(doubled - scores, np.log(2), rtol=1e-4)
+
+
 def test_structural_error_is_zero_for_identical_images_and_grows_with_damage(scene_paths):
     clean = _fixture_inputs(scene_paths[:4])
     rng = np.random.default_rng(1)
@@ -221,9 +277,14 @@ def test_structural_error_is_zero_for_identical_images_and_grows_with_damage(sce
 
 
 def test_new_scorers_separate_corrupted_fixture_images_from_clean_ones(served_folder, scene_paths):
-    """Through the bundled model: ImageNet-C noise, blur and fog at severity 3 score above 90%
-    of the clean fixture images for the scorer that covers them (fog: the combined scorer's
-    two-sided feature part), and the combined threshold flags most noisy and blurred images."""
+    """Through the bundled model: ImageNet-C noise, blur and fog at severity 3 outrank the clean
+    fixture images in at least 4 of 5 pairs for the scorer that covers them (fog: the combined
+    scorer's two-sided mse and feature parts: fog reconstructs too well and looks bland), and
+    the combined threshold flags most noisy and blurred images. (Counted over all pairs, not as
+    the median against the clean 90th percentile, which on 30 fixtures is the third-highest
+    image's score alone.)"""
+    from sklearn.metrics import roc_auc_score
+
     from training.anomaly import corrupt
 
     scorers, evidence = _served_scorers(served_folder)
@@ -233,7 +294,8 @@ def test_new_scorers_separate_corrupted_fixture_images_from_clean_ones(served_fo
     for corruption, scorer in expectations.items():
         broken = evidence(corrupt(u8, corruption, 3, seed=0).astype(np.float32) / 255)
         clean_scores, broken_scores = scorers.score(scorer, clean), scorers.score(scorer, broken)
-        assert np.median(broken_scores) > np.quantile(clean_scores, 0.9), corruption
+        pairs = np.r_[np.zeros(len(clean_scores)), np.ones(len(broken_scores))]
+        assert roc_auc_score(pairs, np.r_[clean_scores, broken_scores]) >= 0.8, corruption
         combined = scorers.unit("combined", scorers.score("combined", broken))
         if corruption != "fog":  # noise and blur at severity 3: most are flagged
             assert np.mean(combined > 0.5) > 0.5, corruption
@@ -411,7 +473,8 @@ def test_published_manifests_load_with_the_scorers_they_list_and_nothing_new(sce
     part; versions 4-5 sum each part's excess over its normal median (`"aggregate": "sum"`),
     later ones add the parts' surprisals (`"aggregate": "fisher"`)."""
     inputs = _fixture_inputs(scene_paths[:6])
-    newer = {"photometric", "resampling", "typicality", "naturalness", "tonal", "noise_floor"}
+    newer = {"photometric", "resampling", "typicality", "naturalness", "tonal", "noise_floor",
+             "excess_mse", "excess_structure"}  # fmt: skip
     aggregates = set()
     for folder in sorted((DEFAULT_MODEL_DIR / "intel-scenes").glob("[0-9]*")):
         block = manifest.read(folder)["anomaly"]

@@ -103,7 +103,12 @@ def test_anomaly_set_is_reproducible_and_differs_from_the_normals():
         assert images.shape == normals.shape and images.dtype == np.uint8
         np.testing.assert_array_equal(images, again[kind])
         assert np.abs(images.astype(int) - normals).mean() > 5, kind
-    assert len(anomaly.off_domain_photos()) >= 2
+    measured, chosen_on = anomaly.off_domain_photos(), anomaly.other_photos()
+    assert len(measured) >= 2 and len(chosen_on) >= 2
+    # The photos the combined scorer's parts are chosen on are none of those the report measures.
+    seen = {p.tobytes() for p in measured}
+    assert all(p.dtype == np.uint8 and p.shape[2] == 3 for p in chosen_on)
+    assert not any(p.tobytes() in seen for p in chosen_on)
 
 
 @pytest.mark.parametrize("missing", ["does-not-exist", "empty"])

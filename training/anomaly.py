@@ -41,7 +41,7 @@ from training.data import ImageSet, stratified_split
 
 log = logging.getLogger(__name__)
 
-KINDS = ("noise", "occlusion", "pattern", "off_domain", "channel_swap")
+KINDS = ("noise", "occlusion", "pattern", "off_domain", "channel_swap", "other_photos")
 # What `calibrate` needs a version to have (version 3's scorers); the later ones are refitted
 # where a version has them.
 REQUIRED_SCORERS = (
@@ -49,7 +49,7 @@ REQUIRED_SCORERS = (
 )  # fmt: skip
 BASE_SCORERS = (
     *REQUIRED_SCORERS, "photometric", "resampling", "typicality", "naturalness", "tonal",
-    "noise_floor",
+    "noise_floor", "excess_mse", "excess_structure",
 )  # fmt: skip
 # The parts of `combined` and how they are joined, chosen on corruptions of the calibration half
 # (the measuring half printed beside them in the later rounds, and never the off-domain photos):
@@ -67,9 +67,23 @@ BASE_SCORERS = (
 # calibration half (0.871 -> 0.895 on the measuring half), synthetic Gaussian noise at 2% added
 # to the calibration half's normals 0.68 -> 1.00. Added on top of it, typicality (0.884), latent
 # (0.883), local (0.879) or a grey 5x5 noise floor (0.884) each lowered the calibration half's
-# mean.
+# mean. Excess errors (model version 7's graphs; 40 images per ImageNet-C set at severities
+# 1-3 from each half; the measuring half and the off-domain photos printed alongside): the rule,
+# set beforehand, took the highest AUROC on crops of `other_photos` among the variants that kept
+# the calibration half's mean at severities 1-2 at or above the twelve parts' 0.887, and never
+# looked at the off-domain photos the report measures. Structure replaced by excess_structure:
+# 0.902 (calibration), other photos 0.964 -> 0.964; mse replaced as well: 0.900 and 0.972; the
+# detail level as the mean absolute Laplacian at two scales, or with the PNG size, ranked lower
+# (0.896 and 0.970; 0.893 and 0.971); a GIST density added instead lowered the other photos
+# (0.960). Published as a candidate, replacing mse lost what its low side sees (fog reconstructs
+# too well: fog at severity 3 on the test fixtures 0.86 -> 0.80 AUROC, on the calibration half
+# 0.84 -> 0.80), so the rule was rerun with fog on the fixtures not lowered: keeping mse
+# (two-sided) beside excess_mse gave 0.902 and 0.967 (fog 0.86 on the calibration half),
+# ahead of a low-side-only mse (0.906 and 0.965) and of the detail level's low side (0.906 and
+# 0.965). (The experiment's other photos also held 200 small faces from scikit-image, which
+# every variant scored 1.000.)
 COMBINED_PARTS = (
-    "texture", "structure", "mse", "flat", "colour", "features", "noise",
+    "texture", "excess_structure", "mse", "excess_mse", "flat", "colour", "features", "noise",
     "photometric", "resampling", "naturalness", "tonal", "noise_floor",
 )  # fmt: skip
 COMBINED_AGGREGATE = "fisher"
@@ -100,31 +114,62 @@ SYNTHETIC_IMAGES = 150
 # two sample images, scikit-image's bundled data and matplotlib's sample photo.
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page",
                   "text", "clock", "immunohistochemistry", "hubble_deep_field")  # fmt: skip
+# Photos of other subjects in the same packages, kept apart from those: the combined scorer's
+# parts are chosen on crops of these (`other_photos`), so `off_domain` stays measured on photos
+# no choice looked at.
+OTHER_SKIMAGE_PHOTOS = ("stereo_motorcycle", "retina", "brick", "grass", "gravel", "cell",
+                        "microaneurysms")  # fmt: skip
+
+
+def _rgb8(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 from a grey, RGB or RGBA image, uint8 or float in [0, 1]."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def _skimage_photos(names: tuple[str, ...]) -> list[np.ndarray]:
+    try:
+        import skimage.data as data
+    except ImportError:
+        return []
+    loaded = (getattr(data, name)() for name in names)
+    # A stereo pair comes as (left, right, disparity): its left view is the photo.
+    return [_rgb8(image[0] if isinstance(image, tuple) else image) for image in loaded]
+
+
+def _matplotlib_photo(name: str) -> list[np.ndarray]:
+    try:
+        import matplotlib.cbook as cbook
+        import matplotlib.image as mpimg
+
+        with cbook.get_sample_data(name) as fh:
+            return [_rgb8(mpimg.imread(fh, format=Path(name).suffix[1:]))]
+    except (ImportError, OSError):
+        return []
 
 
 def off_domain_photos() -> list[np.ndarray]:
     """RGB uint8 photos that ship inside scikit-learn, scikit-image and matplotlib."""
     from sklearn.datasets import load_sample_images
 
-    photos = list(load_sample_images().images)
-    try:
-        import skimage.data as data
-    except ImportError:
-        data = None
-    for name in SKIMAGE_PHOTOS if data is not None else ():
-        image = np.asarray(getattr(data, name)())
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        photos.append(np.ascontiguousarray(image[..., :3]).astype(np.uint8))
-    try:
-        import matplotlib.cbook as cbook
-        import matplotlib.image as mpimg
+    return [
+        *load_sample_images().images,
+        *_skimage_photos(SKIMAGE_PHOTOS),
+        *_matplotlib_photo("grace_hopper.jpg"),
+    ]
 
-        with cbook.get_sample_data("grace_hopper.jpg") as fh:
-            photos.append(np.asarray(mpimg.imread(fh, format="jpg"))[..., :3].astype(np.uint8))
-    except (ImportError, OSError):
-        pass
-    return photos
+
+def other_photos() -> list[np.ndarray]:
+    """RGB uint8 photos the off-domain set does not use: a motorcycle, a retina, brick, grass,
+    gravel, cells, microaneurysms and a gift box."""
+    return [
+        *_skimage_photos(OTHER_SKIMAGE_PHOTOS),
+        *_matplotlib_photo("Minduka_Present_Blue_Pack.png"),
+    ]
 
 
 def _noise(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -162,8 +207,7 @@ def _patterns(n: int, spec: ImageSpec, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _crops(n: int, spec: ImageSpec, rng: np.random.Generator) -> np.ndarray:
-    photos = off_domain_photos()
+def _crops(n: int, spec: ImageSpec, rng: np.random.Generator, photos: list) -> np.ndarray:
     out = np.empty((n, *spec.shape), np.uint8)
     for i in range(n):
         photo = photos[rng.integers(len(photos))]
@@ -182,8 +226,9 @@ def make_anomalies(normals: np.ndarray, spec: ImageSpec, seed: int = 42) -> dict
         "noise": _noise(normals, rng),  # sensor noise, sigma 8% of the range
         "occlusion": _occlusion(normals, rng),  # 1-3 solid patches, 12-30% of each side
         "pattern": _patterns(n, spec, rng),  # synthetic test patterns
-        "off_domain": _crops(n, spec, rng),  # other photos: people, objects, text, space
+        "off_domain": _crops(n, spec, rng, off_domain_photos()),  # people, objects, text, space
         "channel_swap": np.ascontiguousarray(normals[..., ::-1]),  # a client sending BGR
+        "other_photos": _crops(n, spec, rng, other_photos()),  # what the parts are chosen on
     }
 
 
@@ -259,18 +304,24 @@ def fit_gaussians(folder: Path, train_images: np.ndarray, chunk: int = 256) -> P
     features: dict[str, list[np.ndarray]] = {
         name: [] for name in (*anomaly.DENSITY_FEATURES, *anomaly.MARGINAL_FEATURES, "typicality")
     }
+    excess: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in anomaly.EXCESS_ERRORS}
     sum_x = sum_xx = None
     for i in range(0, len(train_images), chunk):
-        inputs = to_float(train_images[i : i + chunk])
-        ev = anomaly.Evidence(inputs, inputs, runner.encode_all(inputs))
+        ev = evidence(runner, train_images[i : i + chunk])
+        inputs = ev.inputs
         for name, feature in (anomaly.DENSITY_FEATURES | anomaly.MARGINAL_FEATURES).items():
             features[name].append(feature(ev))
+        for name, terms in excess.items():
+            terms.append(anomaly.excess_terms(name, ev))
         maps = density.features(inputs).astype(np.float64)  # [n, h, w, C]
         features["typicality"].append(anomaly.feature_statistics(maps))
         flat = maps.reshape(-1, maps.shape[-1])
         sum_x = maps.sum(0) if sum_x is None else sum_x + maps.sum(0)
         sum_xx = flat.T @ flat if sum_xx is None else sum_xx + flat.T @ flat
     arrays = {}
+    for name, terms in excess.items():
+        detail, error = (np.concatenate(t) for t in zip(*terms, strict=True))
+        arrays[f"{name}_line"] = anomaly.excess_fit(detail, error)
     for name in anomaly.MARGINAL_FEATURES:
         median, scale = anomaly.marginal_fit(np.concatenate(features.pop(name)))
         arrays[f"{name}_median"], arrays[f"{name}_scale"] = median, scale
@@ -296,7 +347,8 @@ def scorer_specs(folder: Path) -> dict[str, dict]:
     gaussians, graph = folder / anomaly.GAUSSIAN_FILE, folder / anomaly.FEATURE_GRAPH
     specs: dict[str, dict] = {name: {} for name in BASE_SCORERS}
     specs["local"]["sigma"] = anomaly.DEFAULT_SIGMA
-    for name in (*anomaly.DENSITY_FEATURES, *anomaly.MARGINAL_FEATURES, "features", "typicality"):
+    fitted = (*anomaly.DENSITY_FEATURES, *anomaly.MARGINAL_FEATURES, *anomaly.EXCESS_ERRORS)
+    for name in (*fitted, "features", "typicality"):
         specs[name].update(file=gaussians.name, sha256=manifest.sha256_file(gaussians))
     for name in ("features", "typicality"):
         specs[name].update(graph=graph.name, graph_sha256=manifest.sha256_file(graph))
@@ -705,7 +757,8 @@ def _write_report(report_dir: Path, block: dict, scorers, kinds: dict) -> None:
         "",
         f"Default scorer: **{default}** ({JOINED[COMBINED_AGGREGATE]} "
         f"{', '.join(COMBINED_PARTS)}, each on the scale of its own held-out normal scores; "
-        f"{', '.join(TWO_SIDED)} two-sided, as typicality tests; its threshold cross-fitted "
+        f"{', '.join(p for p in COMBINED_PARTS if p in TWO_SIDED)} two-sided, as typicality "
+        "tests; its threshold cross-fitted "
         "over five folds of the calibration images). Served scores are on a 0-1 scale with "
         "the threshold at 0.5; the raw score and threshold are served beside them.",
         "",
@@ -765,7 +818,11 @@ def _write_report(report_dir: Path, block: dict, scorers, kinds: dict) -> None:
         "Off-domain: random square crops (35-100% of the short side) of photographs that ship "
         "inside installed packages, used for nothing but this measurement: scikit-learn's "
         "`china.jpg` and `flower.jpg`; scikit-image's bundled " + ", ".join(SKIMAGE_PHOTOS) +
-        "; matplotlib's `grace_hopper.jpg`. Grey ones are repeated to three channels.",
+        "; matplotlib's `grace_hopper.jpg`. Grey ones are repeated to three channels. "
+        "Other photos: crops made the same way of other subjects in the same packages (" +
+        ", ".join(OTHER_SKIMAGE_PHOTOS) + " from scikit-image, matplotlib's "
+        "`Minduka_Present_Blue_Pack.png`), on which the combined scorer's parts are chosen; "
+        "the off-domain set is not.",
         "",
         "| scorer | " + " | ".join(KINDS) + " | FPR at threshold (95% CI) |",
         "|---|" + "---|" * (len(KINDS) + 1),
