@@ -385,7 +385,7 @@ def structural_error(inputs: np.ndarray, outputs: np.ndarray, scales: int = 3) -
 
 def detail_level(inputs: np.ndarray) -> np.ndarray:
     """How much fine detail each image holds: the mean absolute Laplacian of its grey image."""
-    grey = np.ascontiguousarray(inputs.astype(np.float32) @ np.float32([0.299, 0.587, 0.114]))
+    grey = np.ascontiguousarray(inputs.astype(np.float32).mean(axis=-1))
     return np.array([np.abs(cv2.Laplacian(g, cv2.CV_32F)).mean(dtype=np.float64) for g in grey])
 
 
@@ -397,12 +397,14 @@ ERRORS: dict[str, Scorer] = {
 }
 # Each excess scorer's error; its line (intercept, slope) is stored as <name>_line beside the
 # Gaussians.
-EXCESS_ERRORS = {"excess_mse": "mse", "excess_structure": "structure"}
+EXCESS_ERRORS: dict[str, str] = {"excess_mse": "mse", "excess_structure": "structure"}
 
 
 def excess_terms(name: str, ev: Evidence) -> tuple[np.ndarray, np.ndarray]:
-    """(log detail level, log error) of each image for the excess scorer `name` (both floored:
-    a flat image has no detail, a perfect reconstruction no error)."""
+    """(log detail level, log error) of each image for the excess scorer `name`. The detail
+    level is shifted by 1e-4 and the error floored at 1e-12, so that a flat image (no detail)
+    or a perfect reconstruction stays finite: a flat image's log detail, -9.2, lies far below
+    any photo's, and it scores as far above the line, as anomalous as it is."""
     detail = np.log(ev.statistic(detail_level) + 1e-4)
     return detail, np.log(np.maximum(ERRORS[EXCESS_ERRORS[name]](ev), 1e-12))
 

@@ -165,16 +165,11 @@ def test_excess_errors_rank_photos_from_elsewhere_above_scenes_that_raw_errors_r
     """The served model reconstructs photos from elsewhere (people, objects, text) with less
     error than the scenes, so raw MSE calls them normal; for the detail they hold, their errors
     are the larger."""
-    from aecore.preprocessing import resize_rgb
     from training.anomaly import off_domain_photos
 
     scorers, evidence = _served_scorers(served_folder)
     scenes = evidence(_fixture_inputs(scene_paths))
-    photos = [p for p in off_domain_photos() if min(p.shape[:2]) >= 128]
-    side = [min(p.shape[:2]) for p in photos]
-    crops = np.stack([resize_rgb(np.ascontiguousarray(p[:s, :s]), ImageSpec())
-                      for p, s in zip(photos, side, strict=True)])  # fmt: skip
-    elsewhere = evidence(crops.astype(np.float32) / 255.0)
+    elsewhere = evidence(_photo_crops(off_domain_photos()).astype(np.float32) / 255.0)
     for name, error in anomaly.EXCESS_ERRORS.items():
         assert np.median(scorers.score(error, elsewhere)) < np.median(scorers.score(error, scenes))
         assert np.median(scorers.score(name, elsewhere)) > np.median(scorers.score(name, scenes))
@@ -202,6 +197,14 @@ def test_heatmap_is_an_rgb_overlay_hottest_where_the_error_is():
 def _fixture_inputs(scene_paths) -> np.ndarray:
     spec = ImageSpec()
     return np.stack([load_image(p.read_bytes(), spec) for p in scene_paths])
+
+
+def _photo_crops(photos: list[np.ndarray]) -> np.ndarray:
+    """uint8 [N, 128, 128, 3]: the top-left square of each photo at least 128 pixels a side."""
+    from aecore.preprocessing import resize_rgb
+
+    squares = [p[: min(p.shape[:2]), : min(p.shape[:2])] for p in photos if min(p.shape[:2]) >= 128]
+    return np.stack([resize_rgb(np.ascontiguousarray(p), ImageSpec()) for p in squares])
 
 
 def _served_scorers(folder):
@@ -237,7 +240,7 @@ def test_detail_level_is_zero_for_flat_images_and_scales_with_contrast(scene_pat
     np.testing.assert_allclose(anomaly.detail_level(flat), 0.0, atol=1e-9)
     detail = anomaly.detail_level(photos)
     assert np.all(detail > 0.01)
-    # Halving the contrast about the mean halves the Laplacian, wherever the image sits.
+    # Halving the contrast (about mid-grey) halves the Laplacian, wherever the image sits.
     np.testing.assert_allclose(anomaly.detail_level(0.5 * photos + 0.25), detail / 2, rtol=1e-4)
     blurred = np.stack([cv2.GaussianBlur(p, (0, 0), 1.5) for p in photos])
     assert np.all(anomaly.detail_level(blurred) < detail / 2)
@@ -278,11 +281,13 @@ def test_structural_error_is_zero_for_identical_images_and_grows_with_damage(sce
 
 def test_new_scorers_separate_corrupted_fixture_images_from_clean_ones(served_folder, scene_paths):
     """Through the bundled model: ImageNet-C noise, blur and fog at severity 3 outrank the clean
-    fixture images in at least 4 of 5 pairs for the scorer that covers them (fog: the combined
-    scorer's two-sided mse and feature parts: fog reconstructs too well and looks bland), and
-    the combined threshold flags most noisy and blurred images. (Counted over all pairs, not as
-    the median against the clean 90th percentile, which on 30 fixtures is the third-highest
-    image's score alone.)"""
+    fixture images (AUROC over all pairs at least 0.85) for the scorer that covers them (fog:
+    the combined scorer's two-sided mse and feature parts: fog reconstructs too well and looks
+    bland), and the combined threshold flags most noisy and blurred images. Fog scores 0.86 with
+    version 7's combined scorer, 0.80 with a candidate that dropped mse for excess_mse; until
+    version 8 the test asked for the median above the clean images' 90th percentile, which on
+    30 fixtures rests on their 3rd and 4th highest scores and which version 8 misses narrowly
+    (19.8 against 20.2) at the same AUROC."""
     from sklearn.metrics import roc_auc_score
 
     from training.anomaly import corrupt
@@ -295,7 +300,7 @@ def test_new_scorers_separate_corrupted_fixture_images_from_clean_ones(served_fo
         broken = evidence(corrupt(u8, corruption, 3, seed=0).astype(np.float32) / 255)
         clean_scores, broken_scores = scorers.score(scorer, clean), scorers.score(scorer, broken)
         pairs = np.r_[np.zeros(len(clean_scores)), np.ones(len(broken_scores))]
-        assert roc_auc_score(pairs, np.r_[clean_scores, broken_scores]) >= 0.8, corruption
+        assert roc_auc_score(pairs, np.r_[clean_scores, broken_scores]) >= 0.85, corruption
         combined = scorers.unit("combined", scorers.score("combined", broken))
         if corruption != "fog":  # noise and blur at severity 3: most are flagged
             assert np.mean(combined > 0.5) > 0.5, corruption
@@ -587,7 +592,6 @@ def test_new_parts_fit_calibrate_and_serve_through_a_copy_of_the_bundled_model(
     encoder's features puts photos from elsewhere (off-domain crops) above the scenes. (30
     photos fit 384 feature statistics only in-sample: this checks the wiring and direction;
     the report measures generalisation on held-out images.)"""
-    from aecore.preprocessing import resize_rgb
     from aecore.runner import Autoencoder
     from training.anomaly import (
         BASE_SCORERS,
@@ -614,10 +618,6 @@ def test_new_parts_fit_calibrate_and_serve_through_a_copy_of_the_bundled_model(
     block = {"scorer": "combined", "scorers": specs}
     served = anomaly.AnomalyScorers(block, folder)
     assert all(name in served.thresholds for name in served.names)
-    spec = ImageSpec()
-    photos = [p for p in off_domain_photos() if min(p.shape[:2]) >= 128][:8]
-    crops = np.stack([resize_rgb(np.ascontiguousarray(p[: p.shape[1], : p.shape[0]]), spec)
-                      for p in photos])  # fmt: skip
-    elsewhere = evidence(runner, crops)
+    elsewhere = evidence(runner, _photo_crops(off_domain_photos())[:8])
     typical = served.score("typicality", normal)
     assert np.median(served.score("typicality", elsewhere)) > np.quantile(typical, 0.9)
