@@ -60,7 +60,7 @@ BASE_SCORERS = (
 # 0.83; adding typicality as well lowered it (0.82), so it is served as a scorer of its own
 # only. On 120 calibration images x 75 sets, each its own pick (model version 5), adding
 # naturalness lifted it from 0.830 to 0.845 (motion and zoom blur, JPEG) and tonal then to 0.863
-# (brightness, frost, snow); tonal without naturalness gave 0.849 (README, "The default model").
+# (brightness, frost, snow); tonal without naturalness gave 0.849 (docs/anomaly.md).
 # Joining those eleven by Fisher's combination instead of the sum: 0.863 -> 0.874 (off-domain
 # 0.814 -> 0.846; both halves were looked at for this step, the measuring half gave 0.864 ->
 # 0.875), with more corrupted images flagged at the 1% threshold. Adding noise_floor to those
