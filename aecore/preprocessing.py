@@ -167,10 +167,12 @@ def _decode_bgr(data: bytes, max_pixels: int | None) -> np.ndarray:
         raise ImageTooLargeError(
             f"image has {image.shape[0] * image.shape[1]} pixels, the limit is {max_pixels}"
         )
-    return _to_bgr8(image)
+    return to_colour8(image)
 
 
-def _to_bgr8(image: np.ndarray) -> np.ndarray:
+def to_colour8(image: np.ndarray) -> np.ndarray:
+    """A decoded array (grey, with alpha, 16-bit, or float in [0, 1]) -> uint8 with three
+    channels in the order given (BGR from OpenCV, RGB from other loaders); alpha is dropped."""
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:

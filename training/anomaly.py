@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from aecore import anomaly, manifest
-from aecore.preprocessing import ImageSpec, resize_rgb, to_float
+from aecore.preprocessing import ImageSpec, resize_rgb, to_colour8, to_float
 from aecore.runner import Autoencoder
 from training import report
 from training.data import ImageSet, stratified_split
@@ -53,27 +53,9 @@ BASE_SCORERS = (
     *REQUIRED_SCORERS, "photometric", "resampling", "typicality", "naturalness", "tonal",
     "noise_floor", "excess_mse", "excess_structure",
 )  # fmt: skip
-# The parts of `combined` and how they are joined, chosen on corruptions of the calibration half
-# (the measuring half printed beside them in the later rounds, and never the off-domain photos):
-# see report/anomaly.md. On 30 calibration images x 75 ImageNet-C sets (model version 3), adding
-# photometric and resampling and summing lifted the mean AUROC at severities 1-2 from 0.80 to
-# 0.83; adding typicality as well lowered it (0.82), so it is served as a scorer of its own
-# only. On 120 calibration images x 75 sets, each its own pick (model version 5), adding
-# naturalness lifted it from 0.830 to 0.845 (motion and zoom blur, JPEG) and tonal then to 0.863
-# (brightness, frost, snow); tonal without naturalness gave 0.849 (docs/anomaly.md).
-# Joining those eleven by Fisher's combination instead of the sum: 0.863 -> 0.874 (off-domain
-# 0.814 -> 0.846; both halves were looked at for this step, the measuring half gave 0.864 ->
-# 0.875), with more corrupted images flagged at the 1% threshold. Adding noise_floor to those
-# eleven (model version 6's graphs, in a second run whose norms were refitted in the experiment,
-# so the same eleven read 0.868 there; both halves printed together): 0.868 -> 0.892 on the
-# calibration half (0.871 -> 0.895 on the measuring half), synthetic Gaussian noise at 2% added
-# to the calibration half's normals 0.68 -> 1.00. Added on top of it, typicality (0.884), latent
-# (0.883), local (0.879) or a grey 5x5 noise floor (0.884) each lowered the calibration half's
-# mean. Since version 8 excess_structure replaces structure and excess_mse joins mse: chosen on
-# crops of `other_photos` (never the off-domain photos the report measures, though they were
-# printed) among variants that kept the calibration half's mean, with fog on the test fixtures
-# added as a condition after the first candidate lost it; the variants and figures are in
-# docs/anomaly.md.
+# The parts of `combined` and how they are joined, chosen round by round on the calibration
+# half's corruptions (since version 8 also on crops of `other_photos`), never on the off-domain
+# photos the report measures: docs/anomaly.md records each choice, its data and its figures.
 COMBINED_PARTS = (
     "texture", "excess_structure", "mse", "excess_mse", "flat", "colour", "features", "noise",
     "photometric", "resampling", "naturalness", "tonal", "noise_floor",
@@ -111,20 +93,7 @@ SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins",
 # no choice looked at.
 OTHER_SKIMAGE_PHOTOS = ("stereo_motorcycle", "retina", "brick", "grass", "gravel", "cell",
                         "microaneurysms")  # fmt: skip
-
-
-def _rgb8(image: np.ndarray) -> np.ndarray:
-    """RGB uint8 from a grey, RGB or RGBA image (alpha dropped), uint8 or float in [0, 1]."""
-    image = np.asarray(image)
-    if np.issubdtype(image.dtype, np.floating):
-        image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise ValueError(f"a bundled photo of dtype {image.dtype}: expected uint8 or float")
-    if image.ndim == 3 and image.shape[2] < 3:  # grey with alpha
-        image = image[..., 0]
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    return np.ascontiguousarray(image[..., :3])
+OTHER_MATPLOTLIB_PHOTO = "Minduka_Present_Blue_Pack.png"
 
 
 def _skimage_photos(names: tuple[str, ...]) -> list[np.ndarray]:
@@ -134,7 +103,7 @@ def _skimage_photos(names: tuple[str, ...]) -> list[np.ndarray]:
         return []
     loaded = (getattr(data, name)() for name in names)
     # A stereo pair comes as (left, right, disparity): its left view is the photo.
-    return [_rgb8(image[0] if isinstance(image, tuple) else image) for image in loaded]
+    return [to_colour8(image[0] if isinstance(image, tuple) else image) for image in loaded]
 
 
 def _matplotlib_photo(name: str) -> list[np.ndarray]:
@@ -143,7 +112,7 @@ def _matplotlib_photo(name: str) -> list[np.ndarray]:
         import matplotlib.image as mpimg
 
         with cbook.get_sample_data(name) as fh:
-            return [_rgb8(mpimg.imread(fh, format=Path(name).suffix[1:]))]
+            return [to_colour8(mpimg.imread(fh, format=Path(name).suffix[1:]))]
     except (ImportError, OSError):
         return []
 
@@ -164,7 +133,7 @@ def other_photos() -> list[np.ndarray]:
     gravel, cells, microaneurysms and a gift box."""
     return [
         *_skimage_photos(OTHER_SKIMAGE_PHOTOS),
-        *_matplotlib_photo("Minduka_Present_Blue_Pack.png"),
+        *_matplotlib_photo(OTHER_MATPLOTLIB_PHOTO),
     ]
 
 
@@ -820,7 +789,7 @@ def _write_report(report_dir: Path, block: dict, scorers, kinds: dict) -> None:
         "; matplotlib's `grace_hopper.jpg`. Grey ones are repeated to three channels. "
         "Other photos: crops made the same way of other subjects in the same packages (" +
         ", ".join(OTHER_SKIMAGE_PHOTOS) + " from scikit-image, matplotlib's "
-        "`Minduka_Present_Blue_Pack.png`), on which the combined scorer's parts are chosen; "
+        f"`{OTHER_MATPLOTLIB_PHOTO}`), on which the combined scorer's parts are chosen; "
         "the off-domain set is not.",
         "",
         "| scorer | " + " | ".join(KINDS) + " | FPR at threshold (95% CI) |",
