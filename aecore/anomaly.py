@@ -11,6 +11,9 @@ and latents) to one score per image, higher meaning more anomalous:
 - `noise_floor`: the noise floor of the image's flattest colour patches (the square root of
   the smallest eigenvalue of their covariance): noise drawn per pixel and channel lifts it at
   levels where a scene's texture hides it from `noise`;
+- `noise_floors`: the larger of `noise_floor` and the same floor of the grey image on 5 x 5
+  patches (`grey_noise_floor`: noise the same in every channel), each in units of the training
+  images' 99th-percentile rise above their median;
 - `flat`: the fraction of perfectly flat pixels (occluders, dead or padded regions);
 - `colour`: Mahalanobis distance of colour statistics under a Gaussian of training images;
 - `texture`: Mahalanobis distance of multi-scale high-frequency energy statistics (the noise
@@ -166,6 +169,19 @@ def noise_floor(inputs: np.ndarray, patch: int = 3, flattest: float = 0.3) -> np
         flat = patches[np.argpartition(spread, keep - 1)[:keep]]
         out[i] = np.sqrt(max(np.linalg.eigvalsh(np.cov(flat.T.astype(np.float64)))[0], 0.0))
     return out
+
+
+def grey_noise_floor(inputs: np.ndarray) -> np.ndarray:
+    """`noise_floor` of the grey image (the channels' mean) on 5 x 5 patches: noise drawn the
+    same in every channel (a grey sensor's, or what JPEG's chroma subsampling leaves of colour
+    noise) lies along the luma direction, where `noise_floor`'s weakest colour direction does
+    not see it; the highest-frequency pattern of a clean photo's flat grey patches holds little."""
+    return noise_floor(inputs.astype(np.float32).mean(axis=-1, keepdims=True), patch=5)
+
+
+def noise_floors(inputs: np.ndarray) -> np.ndarray:
+    """[N, 2]: the colour and the grey noise floor."""
+    return np.stack([noise_floor(inputs), grey_noise_floor(inputs)], axis=1)
 
 
 def flat_fraction(inputs: np.ndarray, window: int = 5, tolerance: float = 1e-6) -> np.ndarray:
@@ -495,21 +511,29 @@ DENSITY_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
 # stored as <name>_median, <name>_scale beside the Gaussians.
 MARGINAL_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
     "tonal": lambda ev: ev.statistic(photometric_statistics),
+    "noise_floors": lambda ev: ev.statistic(noise_floors),
 }
+# Marginal scorers that count only values above the median: a noise floor below the training
+# images' (a smooth or blurred photo) is not noise, and the other parts judge smoothness.
+ONE_SIDED_MARGINALS = ("noise_floors",)
 
 
-def marginal_fit(statistics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def marginal_fit(statistics: np.ndarray, one_sided: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per statistic of training images [N, K]: the median and the 99th percentile of the
-    distance from it (at least 1e-3: the statistics are logs, and a statistic the training
-    images all share must not turn a rounding step into an alarm)."""
+    distance from it, above it only where `one_sided` (at least 1e-3: a statistic the training
+    images all share must not turn a rounding step into an alarm; that is a tenth of a percent
+    on the photometric statistics' logs and a quarter of an 8-bit step on the noise floors)."""
     median = np.median(statistics, axis=0)
-    scale = np.quantile(np.abs(statistics - median), 0.99, axis=0)
-    return median, np.maximum(scale, 1e-3)
+    distance = statistics - median if one_sided else np.abs(statistics - median)
+    return median, np.maximum(np.quantile(distance, 0.99, axis=0), 1e-3)
 
 
 def marginal_scorer(name: str, median: np.ndarray, scale: np.ndarray) -> Scorer:
-    """The most atypical statistic: max over k of |x_k - median_k| / scale_k."""
+    """The most atypical statistic: max over k of |x_k - median_k| / scale_k (without the
+    absolute value for `ONE_SIDED_MARGINALS`)."""
     features = MARGINAL_FEATURES[name]
+    if name in ONE_SIDED_MARGINALS:
+        return lambda ev: ((features(ev) - median) / scale).max(axis=1)
     return lambda ev: (np.abs(features(ev) - median) / scale).max(axis=1)
 
 
@@ -523,7 +547,7 @@ STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 def statistic_scorer(name: str) -> Scorer:
     statistic = STATISTICS[name]
-    return lambda ev: statistic(ev.inputs)
+    return lambda ev: ev.statistic(statistic)
 
 
 def local_scorer(sigma: float = DEFAULT_SIGMA) -> Scorer:

@@ -51,14 +51,14 @@ REQUIRED_SCORERS = (
 )  # fmt: skip
 BASE_SCORERS = (
     *REQUIRED_SCORERS, "photometric", "resampling", "typicality", "naturalness", "tonal",
-    "noise_floor", "excess_mse", "excess_structure",
+    "noise_floor", "excess_mse", "excess_structure", "noise_floors",
 )  # fmt: skip
 # The parts of `combined` and how they are joined, chosen round by round on the calibration
 # half's corruptions (since version 8 also on crops of `other_photos`), never on the off-domain
 # photos the report measures: docs/anomaly.md records each choice, its data and its figures.
 COMBINED_PARTS = (
     "texture", "excess_structure", "mse", "excess_mse", "flat", "colour", "features", "noise",
-    "photometric", "resampling", "naturalness", "tonal", "noise_floor",
+    "photometric", "resampling", "naturalness", "tonal", "noise_floors",
 )  # fmt: skip
 COMBINED_AGGREGATE = "fisher"
 # How the report words each aggregate of `anomaly.AGGREGATES`.
@@ -291,7 +291,8 @@ def fit_gaussians(folder: Path, train_images: np.ndarray, chunk: int = 256) -> P
         detail, error = (np.concatenate(t) for t in zip(*terms, strict=True))
         arrays[f"{name}_line"] = anomaly.excess_fit(detail, error)
     for name in anomaly.MARGINAL_FEATURES:
-        median, scale = anomaly.marginal_fit(np.concatenate(features.pop(name)))
+        one_sided = name in anomaly.ONE_SIDED_MARGINALS
+        median, scale = anomaly.marginal_fit(np.concatenate(features.pop(name)), one_sided)
         arrays[f"{name}_median"], arrays[f"{name}_scale"] = median, scale
     for name, chunks in features.items():
         fit = LedoitWolf().fit(np.concatenate(chunks).astype(np.float64))
