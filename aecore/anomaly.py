@@ -24,7 +24,10 @@ and latents) to one score per image, higher meaning more anomalous:
   (`detail_level`): the log error minus what a line through training images' log detail and
   log error predicts. An autoencoder reproduces smooth images of anything better than detailed
   ones (Serra et al. 2020, input complexity), so an off-domain photo's raw error looks normal
-  or low; for its detail level it is high;
+  or low; for its detail level it is high. Since version 10 the detail level is net of what
+  noise at the grey noise floor adds to it (`log_net_detail`, its factor fitted with the line):
+  noise lifts the detail level far more than the error, and against the raw level a noisy
+  image looked better reconstructed than its detail predicts;
 - `features`: PaDiM-style density of the encoder's own intermediate features per spatial
   position (a mean per position, one shared covariance), mean of the distance map;
 - `photometric`: Mahalanobis distance of where the tonal range sits (black and white points,
@@ -177,11 +180,6 @@ def grey_noise_floor(inputs: np.ndarray) -> np.ndarray:
     noise) lies along the luma direction, where `noise_floor`'s weakest colour direction does
     not see it; the highest-frequency pattern of a clean photo's flat grey patches holds little."""
     return noise_floor(inputs.astype(np.float32).mean(axis=-1, keepdims=True), patch=5)
-
-
-def noise_floors(inputs: np.ndarray) -> np.ndarray:
-    """[N, 2]: the colour and the grey noise floor."""
-    return np.stack([noise_floor(inputs), grey_noise_floor(inputs)], axis=1)
 
 
 def flat_fraction(inputs: np.ndarray, window: int = 5, tolerance: float = 1e-6) -> np.ndarray:
@@ -412,31 +410,56 @@ ERRORS: dict[str, Scorer] = {
     "structure": lambda ev: structural_error(ev.inputs, ev.outputs),
 }
 # Each excess scorer's error; its line (intercept, slope) is stored as <name>_line beside the
-# Gaussians.
+# Gaussians, and since version 10 its noise factor (`log_net_detail`) as <name>_noise_factor.
 EXCESS_ERRORS: dict[str, str] = {"excess_mse": "mse", "excess_structure": "structure"}
 
 
-def excess_terms(name: str, ev: Evidence) -> tuple[np.ndarray, np.ndarray]:
-    """(log detail level, log error) of each image for the excess scorer `name`. The detail
-    level is shifted by 1e-4 and the error floored at 1e-12, so that a flat image (no detail)
-    or a perfect reconstruction stays finite: a flat image's log detail, -9.2, lies far below
-    any photo's, and it scores as far above the line, as anomalous as it is."""
-    detail = np.log(ev.statistic(detail_level) + 1e-4)
-    return detail, np.log(np.maximum(ERRORS[EXCESS_ERRORS[name]](ev), 1e-12))
+# The noise factors tried when an excess scorer's line is fitted (`excess_fit`).
+NOISE_FACTORS = tuple(float(f) for f in np.arange(0.0, 8.01, 0.25))
 
 
-def excess_fit(detail: np.ndarray, error: np.ndarray) -> np.ndarray:
-    """The least-squares line through training images' (log detail, log error): intercept, slope."""
-    slope, intercept = np.polyfit(detail, error, 1)
-    return np.array([intercept, slope])
+def log_net_detail(detail: np.ndarray, floor: np.ndarray | None, factor: float) -> np.ndarray:
+    """log of the detail level net of what noise at the grey noise floor adds to it:
+    sqrt(detail^2 - (factor x floor)^2), at least a tenth of the detail; `factor` 0 (versions
+    8-9) leaves the raw detail level untouched. Noise lifts the Laplacian (white noise of sigma by
+    about 3.6 sigma) while the autoencoder's error rises only by its variance, so against the raw
+    detail level a noisy image looks *better* reconstructed than its detail predicts. Shifted by
+    1e-4 so that a flat image (no detail) stays finite: its log, -9.2, lies far below any photo's,
+    and it scores as far above the line, as anomalous as it is."""
+    if factor:
+        detail = np.sqrt(np.maximum(detail**2 - (factor * floor) ** 2, (0.1 * detail) ** 2))
+    return np.log(detail + 1e-4)
 
 
-def excess_scorer(name: str, line: np.ndarray) -> Scorer:
-    """How far each image's log error lies above the line for its detail level."""
+def excess_error(name: str, ev: Evidence) -> np.ndarray:
+    """The log of the excess scorer's error, floored at 1e-12 (a perfect reconstruction)."""
+    return np.log(np.maximum(ERRORS[EXCESS_ERRORS[name]](ev), 1e-12))
+
+
+def excess_fit(
+    detail: np.ndarray, floor: np.ndarray, error: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """From training images' detail levels, grey noise floors and log errors: the line
+    (intercept, slope) through (log net detail, log error), with the noise factor of
+    `NOISE_FACTORS` whose net detail level predicts the error best (least squared residual;
+    ties go to the smaller factor)."""
+    best: tuple[float, np.ndarray, float] | None = None
+    for factor in NOISE_FACTORS:
+        x = log_net_detail(detail, floor, factor)
+        slope, intercept = np.polyfit(x, error, 1)
+        residual = float(np.sum(np.square(error - intercept - slope * x)))
+        if best is None or residual < best[0] - 1e-9 * abs(best[0]):
+            best = (residual, np.array([intercept, slope]), factor)
+    return best[1], best[2]
+
+
+def excess_scorer(name: str, line: np.ndarray, factor: float = 0.0) -> Scorer:
+    """How far each image's log error lies above the line for its net detail level."""
 
     def score(ev: Evidence) -> np.ndarray:
-        detail, error = excess_terms(name, ev)
-        return error - (line[0] + line[1] * detail)
+        floor = ev.statistic(grey_noise_floor) if factor else None
+        detail = log_net_detail(ev.statistic(detail_level), floor, factor)
+        return excess_error(name, ev) - (line[0] + line[1] * detail)
 
     return score
 
@@ -511,7 +534,9 @@ DENSITY_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
 # stored as <name>_median, <name>_scale beside the Gaussians.
 MARGINAL_FEATURES: dict[str, Callable[[Evidence], np.ndarray]] = {
     "tonal": lambda ev: ev.statistic(photometric_statistics),
-    "noise_floors": lambda ev: ev.statistic(noise_floors),
+    "noise_floors": lambda ev: np.stack(
+        [ev.statistic(noise_floor), ev.statistic(grey_noise_floor)], axis=1
+    ),
 }
 # Marginal scorers that count only values above the median: a noise floor below the training
 # images' (a smooth or blurred photo) is not noise, and the other parts judge smoothness.
@@ -720,7 +745,8 @@ class AnomalyScorers:
                 mean, precision = gaussians[f"{name}_mean"], gaussians[f"{name}_precision"]
                 self._scorers[name] = density_scorer(name, mean, precision)
             elif name in EXCESS_ERRORS:
-                self._scorers[name] = excess_scorer(name, gaussians[f"{name}_line"])
+                factor = float(gaussians.get(f"{name}_noise_factor", 0.0))  # 0 before version 10
+                self._scorers[name] = excess_scorer(name, gaussians[f"{name}_line"], factor)
             elif name in MARGINAL_FEATURES:
                 median, scale = gaussians[f"{name}_median"], gaussians[f"{name}_scale"]
                 self._scorers[name] = marginal_scorer(name, median, scale)

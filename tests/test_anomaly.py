@@ -99,9 +99,8 @@ def test_grey_noise_floor_sees_noise_shared_by_the_channels_that_noise_floor_mis
     assert np.all(noisy_grey > clean_grey)
     assert 0.02 < np.median(noisy_grey) < 0.04
     assert np.median(anomaly.noise_floor(noisy)) < anomaly.noise_floor(photos).max()
-    np.testing.assert_array_equal(
-        anomaly.noise_floors(noisy), np.c_[anomaly.noise_floor(noisy), noisy_grey]
-    )
+    floors = anomaly.MARGINAL_FEATURES["noise_floors"](_evidence(noisy, noisy))
+    np.testing.assert_array_equal(floors, np.c_[anomaly.noise_floor(noisy), noisy_grey])
 
 
 def test_one_sided_marginal_counts_only_a_rise_above_the_training_median(scene_paths, monkeypatch):
@@ -121,7 +120,8 @@ def test_one_sided_marginal_counts_only_a_rise_above_the_training_median(scene_p
     assert anomaly.marginal_fit(-training, one_sided=True)[1][0] == 1e-3  # no rise: the floor
 
     photos = np.stack([load_image(p.read_bytes(), ImageSpec()) for p in scene_paths])
-    median, scale = anomaly.marginal_fit(anomaly.noise_floors(photos[::2]), one_sided=True)
+    floors = anomaly.MARGINAL_FEATURES["noise_floors"](_evidence(photos[::2], photos[::2]))
+    median, scale = anomaly.marginal_fit(floors, one_sided=True)
     scorer = anomaly.marginal_scorer("noise_floors", median, scale)
     held = photos[1::2]
     grain = np.random.default_rng(2).normal(0, 0.03, held.shape[:3])[..., None]
@@ -293,16 +293,19 @@ def test_detail_level_is_zero_for_flat_images_and_scales_with_contrast(scene_pat
 
 
 def test_excess_error_is_the_log_error_above_the_training_line():
-    """A line fitted through (log detail, log error) pairs is recovered, an image on it scores
-    0, and one with twice the error its detail predicts scores ln 2, whatever its detail."""
+    """A line fitted through (log detail, log error) pairs is recovered, with noise factor 0
+    where there is no noise floor; an image on it scores 0, and one with twice the error its
+    detail predicts scores ln 2, whatever its detail."""
     rng = np.random.default_rng(0)
-    detail = rng.uniform(-4.0, -1.0, 200)
-    line = anomaly.excess_fit(detail, -2.0 + 1.5 * detail)
+    detail = np.exp(rng.uniform(-4.0, -1.0, 200))
+    line, factor = anomaly.excess_fit(detail, np.zeros(200), -2.0 + 1.5 * np.log(detail + 1e-4))
     np.testing.assert_allclose(line, [-2.0, 1.5], atol=1e-9)
+    assert factor == 0.0
     inputs = rng.uniform(0.2, 0.8, (3, 32, 32, 3)).astype(np.float32)
     inputs[2] = 0.5  # flat: no detail at all
     ev = _evidence(inputs, inputs + 0.01)
-    log_detail, log_error = anomaly.excess_terms("excess_mse", ev)
+    log_detail = anomaly.log_net_detail(anomaly.detail_level(inputs), None, 0.0)
+    log_error = anomaly.excess_error("excess_mse", ev)
     np.testing.assert_allclose(log_error, np.log(1e-4), rtol=1e-4)
     assert np.isfinite(log_detail).all()  # floored, not -inf, for the flat one
     scorer = anomaly.excess_scorer(
@@ -312,6 +315,33 @@ def test_excess_error_is_the_log_error_above_the_training_line():
     assert scores[0] == pytest.approx(0.0, abs=1e-9)
     doubled = scorer(_evidence(inputs, inputs + 0.01 * np.sqrt(2)))
     np.testing.assert_allclose(doubled - scores, np.log(2), rtol=1e-4)
+
+
+def test_excess_fit_finds_the_noise_factor_and_noise_no_longer_lowers_the_excess(scene_paths):
+    """The noise factor whose net detail level explains the errors is recovered from the grid.
+    On the fixture photos, grey noise of 5% (the same in every channel) lifts every photo's raw
+    detail level (log median +0.64), so the line expects a larger error of a noisy photo; net of
+    the grey floor at factor 5 the level does not rise (median -0.31: at this factor the floor's
+    share slightly overstates what the noise adds). At factor 0 the net level is the raw one."""
+    rng = np.random.default_rng(3)
+    detail, floor = np.exp(rng.uniform(-4.0, -1.0, 300)), rng.uniform(0.0, 0.004, 300)
+    truth = anomaly.log_net_detail(detail, floor, 4.0)
+    line, factor = anomaly.excess_fit(detail, floor, 0.5 + 1.8 * truth)
+    assert factor == 4.0
+    np.testing.assert_allclose(line, [0.5, 1.8], atol=1e-6)
+
+    photos = _fixture_inputs(scene_paths)
+    grain = rng.normal(0, 0.05, photos.shape[:3])[..., None]
+    noisy = np.clip(photos + grain, 0, 1).astype(np.float32)
+
+    def net(images, factor):
+        floor = anomaly.grey_noise_floor(images)
+        return anomaly.log_net_detail(anomaly.detail_level(images), floor, factor)
+
+    np.testing.assert_array_equal(net(photos, 0.0), np.log(anomaly.detail_level(photos) + 1e-4))
+    raw_rise, net_rise = net(noisy, 0.0) - net(photos, 0.0), net(noisy, 5.0) - net(photos, 5.0)
+    assert np.all(raw_rise > 0)
+    assert np.median(net_rise) < 0.1 < 0.4 < np.median(raw_rise)
 
 
 def test_structural_error_is_zero_for_identical_images_and_grows_with_damage(scene_paths):
@@ -358,15 +388,16 @@ def test_grey_noise_is_caught_by_the_bundled_model(served_folder, scene_paths):
     """Noise the same in every channel (a grey sensor's), which `noise_floor` does not see and
     which lifts the detail level the excess parts judge errors by: through the bundled model,
     at 5% of the range the combined scorer ranks the noisy fixture photos above the clean ones
-    (AUROC 0.90; version 8, without the grey floor, 0.83), and at 10% it flags most of them
-    (90%; version 8 33%)."""
+    (AUROC 0.95, 27% flagged; version 9, with the grey floor but the raw detail level, 0.90 and
+    none; version 8 0.83), and at 10% it flags nearly all of them (97%; version 9 90%, version 8
+    33%)."""
     from sklearn.metrics import roc_auc_score
 
     scorers, evidence = _served_scorers(served_folder)
     clean = _fixture_inputs(scene_paths)
     clean_scores = scorers.score("combined", evidence(clean))
     rng = np.random.default_rng(0)
-    for sigma, auroc, flagged in ((0.05, 0.87, 0.0), (0.1, 0.95, 0.6)):
+    for sigma, auroc, flagged in ((0.05, 0.92, 0.1), (0.1, 0.95, 0.8)):
         grain = rng.normal(0, sigma, clean.shape[:3])[..., None]
         noisy = scorers.score("combined", evidence(np.clip(clean + grain, 0, 1).astype(np.float32)))
         pairs = np.r_[np.zeros(len(clean_scores)), np.ones(len(noisy))]

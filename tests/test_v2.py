@@ -132,7 +132,7 @@ def test_malformed_requests_get_a_4xx_in_the_protocols_form(server, case):
 
 
 def test_unknown_models_and_versions_are_404_in_the_protocols_form(server):
-    for path in ("/v2/models/nope", "/v2/models/nope/infer", f"/v2/models/{ENCODER}/versions/9"):
+    for path in ("/v2/models/nope", "/v2/models/nope/infer", f"/v2/models/{ENCODER}/versions/999"):
         method = httpx.post if path.endswith("infer") else httpx.get
         reply = method(f"{server.base}{path}", timeout=10)
         assert reply.status_code == 404 and isinstance(reply.json()["error"], str), path

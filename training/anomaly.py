@@ -262,9 +262,9 @@ def fit_gaussians(folder: Path, train_images: np.ndarray, chunk: int = 256) -> P
     """Gaussians of training images beside the graphs: Ledoit-Wolf for the latents, colour,
     texture, photometric, resampling and naturalness statistics and the pooled feature
     statistics (`typicality`); each photometric statistic's median and 99th-percentile distance
-    from it (`tonal`); the line of each excess error (the training images are reconstructed for
-    it); for the encoder's features a mean per position and one covariance shared
-    by all positions (accumulated in one pass, shrunk by 0.01 I as PaDiM does)."""
+    from it (`tonal`); the line and noise factor of each excess error (the training images are
+    reconstructed for it); for the encoder's features a mean per position and one covariance
+    shared by all positions (accumulated in one pass, shrunk by 0.01 I as PaDiM does)."""
     from sklearn.covariance import LedoitWolf
 
     runner = Autoencoder(folder, verify=False)
@@ -272,7 +272,7 @@ def fit_gaussians(folder: Path, train_images: np.ndarray, chunk: int = 256) -> P
     features: dict[str, list[np.ndarray]] = {
         name: [] for name in (*anomaly.DENSITY_FEATURES, *anomaly.MARGINAL_FEATURES, "typicality")
     }
-    excess: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in anomaly.EXCESS_ERRORS}
+    excess: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in anomaly.EXCESS_ERRORS}
     sum_x = sum_xx = None
     for i in range(0, len(train_images), chunk):
         ev = evidence(runner, train_images[i : i + chunk])
@@ -280,7 +280,10 @@ def fit_gaussians(folder: Path, train_images: np.ndarray, chunk: int = 256) -> P
         for name, feature in (anomaly.DENSITY_FEATURES | anomaly.MARGINAL_FEATURES).items():
             features[name].append(feature(ev))
         for name, terms in excess.items():
-            terms.append(anomaly.excess_terms(name, ev))
+            floor = ev.statistic(anomaly.grey_noise_floor)
+            terms.append(
+                (ev.statistic(anomaly.detail_level), floor, anomaly.excess_error(name, ev))
+            )
         maps = density.features(inputs).astype(np.float64)  # [n, h, w, C]
         features["typicality"].append(anomaly.feature_statistics(maps))
         flat = maps.reshape(-1, maps.shape[-1])
@@ -288,8 +291,10 @@ def fit_gaussians(folder: Path, train_images: np.ndarray, chunk: int = 256) -> P
         sum_xx = flat.T @ flat if sum_xx is None else sum_xx + flat.T @ flat
     arrays = {}
     for name, terms in excess.items():
-        detail, error = (np.concatenate(t) for t in zip(*terms, strict=True))
-        arrays[f"{name}_line"] = anomaly.excess_fit(detail, error)
+        detail, floor, error = (np.concatenate(t) for t in zip(*terms, strict=True))
+        arrays[f"{name}_line"], arrays[f"{name}_noise_factor"] = anomaly.excess_fit(
+            detail, floor, error
+        )
     for name in anomaly.MARGINAL_FEATURES:
         one_sided = name in anomaly.ONE_SIDED_MARGINALS
         median, scale = anomaly.marginal_fit(np.concatenate(features.pop(name)), one_sided)
