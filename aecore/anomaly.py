@@ -24,8 +24,9 @@ and latents) to one score per image, higher meaning more anomalous:
   (`detail_level`): the log error minus what a line through training images' log detail and
   log error predicts. An autoencoder reproduces smooth images of anything better than detailed
   ones (Serra et al. 2020, input complexity), so an off-domain photo's raw error looks normal
-  or low; for its detail level it is high. Since version 10 the detail level is net of what
-  noise at the grey noise floor adds to it (`log_net_detail`, its factor fitted with the line):
+  or low; for its detail level it is high. Since version 10 the detail level may be net of what
+  noise at the grey noise floor adds to it (`log_net_detail`, its factor fitted with the line;
+  version 10's MSE is, its structural error is not):
   noise lifts the detail level far more than the error, and against the raw level a noisy
   image looked better reconstructed than its detail predicts;
 - `features`: PaDiM-style density of the encoder's own intermediate features per spatial
@@ -98,7 +99,7 @@ class Evidence:
 
     def statistic(self, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """`compute(self.inputs)`, once per Evidence however many scorers read it (`combined`
-        runs `photometric` and `tonal` on the same statistics)."""
+        runs `photometric` and `tonal` on the same statistics); shared, so never modified."""
         if compute not in self._statistics:
             self._statistics[compute] = compute(self.inputs)
         return self._statistics[compute]
@@ -421,7 +422,8 @@ NOISE_FACTORS = tuple(float(f) for f in np.arange(0.0, 8.01, 0.25))
 def log_net_detail(detail: np.ndarray, floor: np.ndarray | None, factor: float) -> np.ndarray:
     """log of the detail level net of what noise at the grey noise floor adds to it:
     sqrt(detail^2 - (factor x floor)^2), at least a tenth of the detail; `factor` 0 (versions
-    8-9) leaves the raw detail level untouched. Noise lifts the Laplacian (white noise of sigma by
+    8-9, and an error the floor does not help predict, such as version 10's structural error)
+    leaves the raw detail level untouched. Noise lifts the Laplacian (white noise of sigma by
     about 3.6 sigma) while the autoencoder's error rises only by its variance, so against the raw
     detail level a noisy image looks *better* reconstructed than its detail predicts. Shifted by
     1e-4 so that a flat image (no detail) stays finite: its log, -9.2, lies far below any photo's,
@@ -443,14 +445,16 @@ def excess_fit(
     (intercept, slope) through (log net detail, log error), with the noise factor of
     `NOISE_FACTORS` whose net detail level predicts the error best (least squared residual;
     ties go to the smaller factor)."""
-    best: tuple[float, np.ndarray, float] | None = None
+    fits = []
     for factor in NOISE_FACTORS:
         x = log_net_detail(detail, floor, factor)
         slope, intercept = np.polyfit(x, error, 1)
-        residual = float(np.sum(np.square(error - intercept - slope * x)))
-        if best is None or residual < best[0] - 1e-9 * abs(best[0]):
-            best = (residual, np.array([intercept, slope]), factor)
-    return best[1], best[2]
+        fits.append((float(np.sum(np.square(error - intercept - slope * x))), intercept, slope))
+    # Within a relative 1e-9 of the least residual counts as a tie: factors that leave the detail
+    # as it is (floors of 0) differ only by rounding, and must not win over 0 for that.
+    least = min(fit[0] for fit in fits)
+    k = next(i for i, fit in enumerate(fits) if fit[0] <= least + 1e-9 * abs(least))
+    return np.array(fits[k][1:]), NOISE_FACTORS[k]
 
 
 def excess_scorer(name: str, line: np.ndarray, factor: float = 0.0) -> Scorer:

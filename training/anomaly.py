@@ -262,7 +262,8 @@ def fit_gaussians(folder: Path, train_images: np.ndarray, chunk: int = 256) -> P
     """Gaussians of training images beside the graphs: Ledoit-Wolf for the latents, colour,
     texture, photometric, resampling and naturalness statistics and the pooled feature
     statistics (`typicality`); each photometric statistic's median and 99th-percentile distance
-    from it (`tonal`); the line and noise factor of each excess error (the training images are
+    from it (`tonal`), and each noise floor's median and 99th-percentile rise above it
+    (`noise_floors`); the line and noise factor of each excess error (the training images are
     reconstructed for it); for the encoder's features a mean per position and one covariance
     shared by all positions (accumulated in one pass, shrunk by 0.01 I as PaDiM does)."""
     from sklearn.covariance import LedoitWolf
@@ -279,11 +280,9 @@ def fit_gaussians(folder: Path, train_images: np.ndarray, chunk: int = 256) -> P
         inputs = ev.inputs
         for name, feature in (anomaly.DENSITY_FEATURES | anomaly.MARGINAL_FEATURES).items():
             features[name].append(feature(ev))
+        detail, floor = ev.statistic(anomaly.detail_level), ev.statistic(anomaly.grey_noise_floor)
         for name, terms in excess.items():
-            floor = ev.statistic(anomaly.grey_noise_floor)
-            terms.append(
-                (ev.statistic(anomaly.detail_level), floor, anomaly.excess_error(name, ev))
-            )
+            terms.append((detail, floor, anomaly.excess_error(name, ev)))
         maps = density.features(inputs).astype(np.float64)  # [n, h, w, C]
         features["typicality"].append(anomaly.feature_statistics(maps))
         flat = maps.reshape(-1, maps.shape[-1])
