@@ -13,7 +13,7 @@ and latents) to one score per image, higher meaning more anomalous:
   levels where a scene's texture hides it from `noise`;
 - `noise_floors`: the larger of `noise_floor` and the same floor of the grey image on 5 x 5
   patches (`grey_noise_floor`: noise the same in every channel), each in units of the training
-  images' 99th-percentile rise above their median;
+  images' 99th-percentile rise above their median; only a rise counts;
 - `flat`: the fraction of perfectly flat pixels (occluders, dead or padded regions);
 - `colour`: Mahalanobis distance of colour statistics under a Gaussian of training images;
 - `texture`: Mahalanobis distance of multi-scale high-frequency energy statistics (the noise
@@ -26,9 +26,9 @@ and latents) to one score per image, higher meaning more anomalous:
   ones (Serra et al. 2020, input complexity), so an off-domain photo's raw error looks normal
   or low; for its detail level it is high. Since version 10 the detail level may be net of what
   noise at the grey noise floor adds to it (`log_net_detail`, its factor fitted with the line;
-  version 10's MSE is, its structural error is not):
-  noise lifts the detail level far more than the error, and against the raw level a noisy
-  image looked better reconstructed than its detail predicts;
+  version 10's MSE is, its structural error is not): noise lifts the detail level far more
+  than the error, and against the raw level a noisy image looked better reconstructed than its
+  detail predicts;
 - `features`: PaDiM-style density of the encoder's own intermediate features per spatial
   position (a mean per position, one shared covariance), mean of the distance map;
 - `photometric`: Mahalanobis distance of where the tonal range sits (black and white points,
