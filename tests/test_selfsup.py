@@ -19,7 +19,8 @@ from training import augment, cli, data, report
 from training.architectures import build
 from training.onnx_export import parity, to_onnx
 from training.selfsup import InvarianceSchedule, SelfSupervisedAutoencoder, nt_xent, vicreg
-from training.train import TrainConfig, load_autoencoder, load_split, train
+from training.train import TrainConfig, load_split, train
+from training.warmstart import load_autoencoder
 
 SEED = tf.constant([3, 4], tf.int64)
 
@@ -335,3 +336,37 @@ def manifest_hash(version, part: str) -> str:
     from aecore import manifest
 
     return manifest.read(version)["files"]["sha256"][part]
+
+
+def test_freeze_encoder_refits_the_decoder_of_a_run_and_keeps_its_latents(tmp_path, images):
+    """A decoder refit from a run folder: the latents are the source run's to the bit, the
+    decoder has moved, the source's split is kept and the run records where it started."""
+    source, refit = tmp_path / "source", tmp_path / "refit"
+    base = ["train", "--data", str(SCENES), "--batch-size", "8", "--val-fraction", "0.2",
+            "--epochs", "1"]  # fmt: skip
+    assert cli.main([*base, "--out", str(source), "--mask-ratio", "0.25"]) == 0
+    assert cli.main([*base, "--out", str(refit), "--init-from", str(source),
+                     "--freeze-encoder", "--seed", "7"]) == 0  # fmt: skip
+
+    x = to_float(images)
+    source_encoder, source_decoder = load_autoencoder(source)
+    encoder, decoder = load_autoencoder(refit)
+    np.testing.assert_array_equal(encoder(x).numpy(), source_encoder(x).numpy())
+    latents = encoder(x).numpy()
+    assert np.abs(decoder(latents).numpy() - source_decoder(latents).numpy()).max() > 1e-4
+    # Another seed would split differently; the refit validates on the source's images.
+    assert json.loads((refit / "split.json").read_text()) == json.loads(
+        (source / "split.json").read_text()
+    )
+    start = json.loads((refit / "init.json").read_text())
+    assert start["run"] == "source" and len(start["best_keras_sha256"]) == 64
+    assert (
+        TrainConfig(**json.loads((refit / "config.json").read_text()))
+        .objective()["trained"]
+        .startswith("decoder")
+    )
+
+    with pytest.raises(ValueError, match="needs --init-from"):
+        TrainConfig(data="d", out="o", freeze_encoder=True)
+    with pytest.raises(ValueError, match="decoder alone"):
+        TrainConfig(data="d", out="o", init_from=str(source), freeze_encoder=True, mask_ratio=0.25)

@@ -33,7 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument(
         "--init-from",
-        help="start from a published model version's weights (e.g. models/intel-scenes/3)",
+        help="start from a published model version's weights (e.g. models/intel-scenes/3) "
+        "or a run folder's best checkpoint (its train/validation split is kept)",
+    )
+    t.add_argument(
+        "--freeze-encoder",
+        action="store_true",
+        help="with --init-from, train only the decoder: the latents stay the starting model's "
+        "(stored embeddings stay valid) and the decoder is refit to them on clean inputs",
     )
     ssl = t.add_argument_group(
         "self-supervised terms (docs/training.md); off by default, kept by --resume"

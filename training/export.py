@@ -20,7 +20,8 @@ from training.compare import compare
 from training.data import ImageSet
 from training.onnx_export import ParityError, check_parity, export_graphs
 from training.precision import write_fp16
-from training.train import TrainConfig, load_autoencoder, load_split, read_history
+from training.train import TrainConfig, load_split, read_history
+from training.warmstart import load_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def write_report(
 
 
 def initial_weights(run_dir: Path) -> dict:
-    """`init_from` for a run started from a published version's weights (training.warmstart)."""
+    """`init_from` for a run started from a published version or a run (training.warmstart)."""
     path = Path(run_dir) / "init.json"
     return {"init_from": json.loads(path.read_text())} if path.is_file() else {}
 

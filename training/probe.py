@@ -109,7 +109,8 @@ def probe_run(run_dir: Path, anchors: bool = False, batch_size: int = 64) -> dic
     probe, with Keras (no export needed, so a run can be checked while it trains)."""
     import json
 
-    from training.train import TrainConfig, load_autoencoder, load_split
+    from training.train import TrainConfig, load_split
+    from training.warmstart import load_autoencoder
 
     config = TrainConfig(**json.loads((Path(run_dir) / "config.json").read_text()))
     encoder, decoder = load_autoencoder(run_dir)

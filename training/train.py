@@ -4,7 +4,7 @@ A run folder holds:
   config.json        what was asked (data, arch, sizes, seed, split, loss terms, schedule)
   split.json         the train/validation file lists, so export and calibration reuse them
   history.csv        one row per epoch (losses, rounded_accuracy, learning rate, seconds)
-  init.json          with --init-from: the model version the weights started from
+  init.json          with --init-from: the model version or run the weights started from
   best.keras         the autoencoder (encoder + decoder) with the lowest val_loss so far
   backup/            Keras' BackupAndRestore state for resuming an interrupted run
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,6 @@ from training.selfsup import (
     INVARIANCE_LOSSES,
     InvarianceSchedule,
     SelfSupervisedAutoencoder,
-    rounded_accuracy,
 )
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,11 @@ class TrainConfig:
     mask_ratio: float = 0.0
     ssim_weight: float = 0.0
     schedule: str = "plateau"
-    # A published model version (folder) whose weights the run starts from (training.warmstart).
+    # A published model version or a run folder whose weights the run starts from
+    # (training.warmstart); with freeze_encoder only the decoder trains, so the latents stay
+    # the starting model's and the decoder is refit to them on clean (unmasked) inputs.
     init_from: str | None = None
+    freeze_encoder: bool = False
 
     def __post_init__(self):
         if self.invariance_loss not in INVARIANCE_LOSSES:
@@ -82,6 +85,16 @@ class TrainConfig:
             raise ValueError("--mask-ratio must be in [0, 1)")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if self.freeze_encoder:
+            if not self.init_from:
+                raise ValueError("--freeze-encoder needs --init-from: an encoder to keep")
+            if self.invariance_weight or self.mask_ratio:
+                # The invariance term trains only the encoder; masking would fit the decoder
+                # to latents of inputs the service never sees.
+                raise ValueError(
+                    "--freeze-encoder trains the decoder alone: drop --invariance-weight "
+                    "and --mask-ratio"
+                )
 
     @property
     def spec(self) -> ImageSpec:
@@ -109,6 +122,8 @@ class TrainConfig:
         if self.invariance_weight:
             augmentation.append("second_view_crop_flip_colour")
         out = {"loss": terms, "augmentation": augmentation, "schedule": self.schedule}
+        if self.freeze_encoder:
+            out["trained"] = "decoder (encoder frozen at --init-from's)"
         if self.invariance_decay is not None:
             out["invariance_decay"] = {
                 "term": self.invariance_loss,
@@ -224,6 +239,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     config_path.write_text(json.dumps(asdict(config), indent=2))
 
     keras.utils.set_random_seed(config.seed)
+    source_split = Path(config.init_from or "") / "split.json"
+    if not resume and source_split.is_file():
+        # A run continued from another run keeps its split, so no validation image is trained on.
+        shutil.copyfile(source_split, run_dir / "split.json")
     train_set, val_set = load_split(config, run_dir)
     log.info(
         "training %s on %d images, validating on %d (%d skipped)",
@@ -239,7 +258,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             encoder, decoder, Path(config.init_from), config.arch, config.latent_dim
         )
         (run_dir / "init.json").write_text(json.dumps(start, indent=2))
-        log.info("weights from %s (parity %s)", start["model"], start["parity"])
+        log.info("weights from %s", start)
+    encoder.trainable = not config.freeze_encoder
     steps = -(-len(train_set) // config.batch_size)
     model = SelfSupervisedAutoencoder(
         encoder,
@@ -294,14 +314,6 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int):
             config.learning_rate, decay_steps=config.epochs * steps_per_epoch, alpha=0.01
         )
     return config.learning_rate
-
-
-def load_autoencoder(run_dir: Path):
-    """The best checkpoint's (encoder, decoder)."""
-    model = keras.models.load_model(
-        Path(run_dir) / "best.keras", custom_objects={"rounded_accuracy": rounded_accuracy}
-    )
-    return model.get_layer("encoder"), model.get_layer("decoder")
 
 
 def read_history(run_dir: Path) -> list[dict[str, float]]:

@@ -1,6 +1,6 @@
-"""Start a run from a published model version: its ONNX weights copied into the Keras layers.
+"""Start a run from a published model version or from another run's best checkpoint.
 
-A published version keeps only its ONNX graphs, not the Keras checkpoint, so fine-tuning it
+A run folder's `best.keras` is loaded as it is. A published version keeps only its ONNX graphs, not the Keras checkpoint, so fine-tuning it
 (e.g. adding the self-supervised terms to the MSE-only default) reads the weights back from
 ONNX. The graphs of a convolutional architecture hold one Conv or ConvTranspose node per Keras
 layer with weights, in the same order; each kernel is copied with its layout changed
@@ -10,6 +10,8 @@ the same limit as export's parity check, so a wrong mapping stops the run before
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import keras
@@ -19,6 +21,7 @@ from onnx import numpy_helper
 
 from aecore import manifest
 from training.onnx_export import PARITY_LIMIT, ParityError, parity
+from training.selfsup import rounded_accuracy
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose")
 
@@ -67,26 +70,55 @@ def _leaf_layers(model: keras.Model):
             yield layer
 
 
+def load_autoencoder(run_dir: Path) -> tuple[keras.Model, keras.Model]:
+    """A run's best checkpoint, as (encoder, decoder)."""
+    model = keras.models.load_model(
+        Path(run_dir) / "best.keras", custom_objects={"rounded_accuracy": rounded_accuracy}
+    )
+    return model.get_layer("encoder"), model.get_layer("decoder")
+
+
 def initialise(
-    encoder: keras.Model, decoder: keras.Model, version: Path, arch: str, latent_dim: int
+    encoder: keras.Model, decoder: keras.Model, source: Path, arch: str, latent_dim: int
 ) -> dict:
-    """Copy a model version's encoder and decoder into freshly built ones of the same
-    architecture; returns what the run records about where its weights came from."""
-    body = manifest.read(version)  # verifies the graphs' sha256 too
-    if body.get("architecture") != arch or body.get("latent_dim") != latent_dim:
-        raise ValueError(
-            f"{version} is {body.get('architecture')} with latent {body.get('latent_dim')}; "
-            f"the run asks for {arch} with {latent_dim}"
-        )
+    """Copy the weights of `source`, a published model version or a training run's folder, into
+    freshly built encoder and decoder of the same architecture; returns what the run records
+    about where its weights came from."""
+    source = Path(source)
+    if (source / "best.keras").is_file():
+        return _from_run(encoder, decoder, source, arch, latent_dim)
+    body = manifest.read(source)  # verifies the graphs' sha256 too
+    _same_shape(source, body.get("architecture"), body.get("latent_dim"), arch, latent_dim)
     files = body["files"]
     rng = np.random.default_rng(0)
     images = rng.random((4, *encoder.input_shape[1:]), dtype=np.float32)
-    encoder_error = copy_weights(encoder, version / files["encoder"], images)
+    encoder_error = copy_weights(encoder, source / files["encoder"], images)
     latents = encoder(images, training=False).numpy()
-    decoder_error = copy_weights(decoder, version / files["decoder"], latents)
+    decoder_error = copy_weights(decoder, source / files["decoder"], latents)
     return {
         "model": f"{body['name']}/{body['version']}",
         "encoder_sha256": files["sha256"]["encoder"],
         "decoder_sha256": files["sha256"]["decoder"],
         "parity": {"encoder": encoder_error, "decoder": decoder_error},
     }
+
+
+def _from_run(
+    encoder: keras.Model, decoder: keras.Model, run_dir: Path, arch: str, latent_dim: int
+) -> dict:
+    config = json.loads((run_dir / "config.json").read_text())
+    _same_shape(run_dir, config.get("arch"), config.get("latent_dim"), arch, latent_dim)
+    trained_encoder, trained_decoder = load_autoencoder(run_dir)
+    encoder.set_weights(trained_encoder.get_weights())
+    decoder.set_weights(trained_decoder.get_weights())
+    checkpoint = (run_dir / "best.keras").read_bytes()
+    # The run folder's name and its checkpoint's hash: paths differ between machines.
+    return {"run": run_dir.name, "best_keras_sha256": hashlib.sha256(checkpoint).hexdigest()}
+
+
+def _same_shape(source: Path, arch, latent, wanted_arch: str, wanted_latent: int) -> None:
+    if arch != wanted_arch or latent != wanted_latent:
+        raise ValueError(
+            f"{source} is {arch} with latent {latent}; "
+            f"the run asks for {wanted_arch} with {wanted_latent}"
+        )
