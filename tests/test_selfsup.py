@@ -360,11 +360,15 @@ def test_freeze_encoder_refits_the_decoder_of_a_run_and_keeps_its_latents(tmp_pa
     )
     start = json.loads((refit / "init.json").read_text())
     assert start["run"] == "source" and len(start["best_keras_sha256"]) == 64
-    assert (
-        TrainConfig(**json.loads((refit / "config.json").read_text()))
-        .objective()["trained"]
-        .startswith("decoder")
-    )
+    from aecore import manifest
+    from training.export import export
+
+    # Export says so: the manifest and the report name the source run and what was trained.
+    body = manifest.read(export(refit, tmp_path / "models", "fixture", compare_seed=False))
+    assert body["training"]["trained"].startswith("decoder")
+    assert body["training"]["init_from"] == start
+    report_md = (tmp_path / "models" / "fixture" / "1" / "report" / "report.md").read_text()
+    assert "| started from | run `source`; trained: decoder" in report_md
 
     with pytest.raises(ValueError, match="needs --init-from"):
         TrainConfig(data="d", out="o", freeze_encoder=True)

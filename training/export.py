@@ -148,8 +148,9 @@ def export(
         },
         "anomaly": calibrate_and_evaluate(staging, train_set, val_set, target_fpr, config.seed),
     }
-    if "invariance_decay" in objective:
-        body["training"]["invariance_decay"] = objective["invariance_decay"]
+    for key in ("invariance_decay", "trained"):
+        if key in objective:
+            body["training"][key] = objective[key]
     runner = Autoencoder(staging, verify=False)
     train_latents = runner.encode_all(train_set.images)
     body["metrics"]["linear_probe"] = probe.linear_probe(train_set, val_set, train_latents, latents)

@@ -86,6 +86,10 @@ def markdown(manifest: dict, figures: dict[str, Path | None]) -> str:
         ("training loss (term: weight)", loss_terms(t)),
         ("augmentation", ", ".join(t.get("augmentation") or []) or "none"),
     ]
+    start = t.get("init_from")
+    if start:  # a fine-tune or a decoder refit: where its weights came from, what it trained
+        source = start.get("model") or f"run `{start.get('run')}`"
+        rows.append(("started from", f"{source}; trained: {t.get('trained', 'all weights')}"))
     lines = [
         f"# {manifest['name']} v{manifest['version']} ({manifest['architecture']})",
         "",
