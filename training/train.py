@@ -239,8 +239,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     config_path.write_text(json.dumps(asdict(config), indent=2))
 
     keras.utils.set_random_seed(config.seed)
-    source_split = Path(config.init_from or "") / "split.json"
-    if not resume and source_split.is_file():
+    source_split = Path(config.init_from) / "split.json" if config.init_from else None
+    if not resume and source_split is not None and source_split.is_file():
         # A run continued from another run keeps its split, so no validation image is trained on.
         shutil.copyfile(source_split, run_dir / "split.json")
     train_set, val_set = load_split(config, run_dir)

@@ -1,8 +1,8 @@
 """Start a run from a published model version or from another run's best checkpoint.
 
-A run folder's `best.keras` is loaded as it is. A published version keeps only its ONNX graphs, not the Keras checkpoint, so fine-tuning it
-(e.g. adding the self-supervised terms to the MSE-only default) reads the weights back from
-ONNX. The graphs of a convolutional architecture hold one Conv or ConvTranspose node per Keras
+A run folder's `best.keras` is loaded as it is. A published version keeps only its ONNX
+graphs, not the Keras checkpoint, so fine-tuning it (e.g. adding the self-supervised terms to
+the MSE-only default) reads the weights back from ONNX. The graphs of a convolutional architecture hold one Conv or ConvTranspose node per Keras
 layer with weights, in the same order; each kernel is copied with its layout changed
 (ONNX OIHW / IOHW -> Keras HWIO / HWOI) and the result is checked against onnxruntime with
 the same limit as export's parity check, so a wrong mapping stops the run before it starts.
