@@ -2,10 +2,11 @@
 
 A run folder's `best.keras` is loaded as it is. A published version keeps only its ONNX
 graphs, not the Keras checkpoint, so fine-tuning it (e.g. adding the self-supervised terms to
-the MSE-only default) reads the weights back from ONNX. The graphs of a convolutional architecture hold one Conv or ConvTranspose node per Keras
-layer with weights, in the same order; each kernel is copied with its layout changed
-(ONNX OIHW / IOHW -> Keras HWIO / HWOI) and the result is checked against onnxruntime with
-the same limit as export's parity check, so a wrong mapping stops the run before it starts.
+the MSE-only default) reads the weights back from ONNX. The graphs of a convolutional
+architecture hold one Conv or ConvTranspose node per Keras layer with weights, in the same
+order; each kernel is copied with its layout changed (ONNX OIHW / IOHW -> Keras HWIO / HWOI)
+and the result is checked against onnxruntime with the same limit as export's parity check,
+so a wrong mapping stops the run before it starts.
 """
 
 from __future__ import annotations
