@@ -360,6 +360,8 @@ def test_freeze_encoder_refits_the_decoder_of_a_run_and_keeps_its_latents(tmp_pa
     )
     start = json.loads((refit / "init.json").read_text())
     assert start["run"] == "source" and len(start["best_keras_sha256"]) == 64
+    assert start["epochs"] == 1 and start["config"]["mask_ratio"] == 0.25  # how it was trained
+    assert start["config"]["out"] == "source"  # a name, never this machine's path
     from aecore import manifest
     from training.export import export
 
@@ -368,7 +370,7 @@ def test_freeze_encoder_refits_the_decoder_of_a_run_and_keeps_its_latents(tmp_pa
     assert body["training"]["trained"].startswith("decoder")
     assert body["training"]["init_from"] == start
     report_md = (tmp_path / "models" / "fixture" / "1" / "report" / "report.md").read_text()
-    assert "| started from | run `source`; trained: decoder" in report_md
+    assert "| started from | run `source` (epochs: 1); trained: decoder" in report_md
 
     with pytest.raises(ValueError, match="needs --init-from"):
         TrainConfig(data="d", out="o", freeze_encoder=True)

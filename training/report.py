@@ -88,7 +88,7 @@ def markdown(manifest: dict, figures: dict[str, Path | None]) -> str:
     ]
     start = t.get("init_from")
     if start:  # a fine-tune or a decoder refit: where its weights came from, what it trained
-        source = start.get("model") or f"run `{start.get('run')}`"
+        source = start.get("model") or f"run `{start.get('run')}` (epochs: {start.get('epochs')})"
         rows.append(("started from", f"{source}; trained: {t.get('trained', 'all weights')}"))
     lines = [
         f"# {manifest['name']} v{manifest['version']} ({manifest['architecture']})",

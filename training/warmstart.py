@@ -113,8 +113,18 @@ def _from_run(
     encoder.set_weights(trained_encoder.get_weights())
     decoder.set_weights(trained_decoder.get_weights())
     checkpoint = (run_dir / "best.keras").read_bytes()
-    # The run folder's name and its checkpoint's hash: paths differ between machines.
-    return {"run": run_dir.name, "best_keras_sha256": hashlib.sha256(checkpoint).hexdigest()}
+    history = run_dir / "history.csv"
+    # Names, not paths (they differ between machines), and how the source was trained, so a
+    # model exported from this run describes all of its weights' training, not only this run's.
+    return {
+        "run": run_dir.name,
+        "best_keras_sha256": hashlib.sha256(checkpoint).hexdigest(),
+        "epochs": len(history.read_text().splitlines()) - 1 if history.is_file() else None,
+        "config": {
+            **config,
+            **{key: Path(config[key]).name for key in ("data", "out") if config.get(key)},
+        },
+    }
 
 
 def _same_shape(source: Path, arch, latent, wanted_arch: str, wanted_latent: int) -> None:
