@@ -391,9 +391,9 @@ def test_grey_noise_is_caught_by_the_bundled_model(served_folder, scene_paths):
     """Noise the same in every channel (a grey sensor's), which `noise_floor` does not see and
     which lifts the detail level the excess parts judge errors by: through the bundled model,
     at 5% of the range the combined scorer ranks the noisy fixture photos above the clean ones
-    (AUROC 0.95, 27% flagged; version 9, with the grey floor but the raw detail level, 0.90 and
-    none; version 8 0.83), and at 10% it flags nearly all of them (97%; version 9 90%, version 8
-    33%)."""
+    (AUROC 0.95 and 17% flagged in version 11, 0.95 and 27% in version 10; version 9, with the
+    grey floor but the raw detail level, 0.90 and none; version 8 0.83), and at 10% it flags
+    nearly all of them (97% in versions 10 and 11; version 9 90%, version 8 33%)."""
     from training.anomaly import _auroc
 
     scorers, evidence = _served_scorers(served_folder)
