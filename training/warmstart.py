@@ -25,6 +25,8 @@ from training.onnx_export import PARITY_LIMIT, ParityError, parity
 from training.selfsup import rounded_accuracy
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose")
+# A run's config fields that hold this machine's paths; recorded by name only.
+PATH_KEYS = ("data", "out", "val_dir", "init_from")
 
 
 def onnx_kernels(graph: Path) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -122,7 +124,7 @@ def _from_run(
         "epochs": len(history.read_text().splitlines()) - 1 if history.is_file() else None,
         "config": {
             **config,
-            **{key: Path(config[key]).name for key in ("data", "out") if config.get(key)},
+            **{key: Path(config[key]).name for key in PATH_KEYS if config.get(key)},
         },
     }
 
